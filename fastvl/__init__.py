@@ -1,0 +1,8 @@
+"""fastvl: fused kernels, drop-in modules and models for fast video-language pretraining."""
+
+from fastvl import nn, ops
+from fastvl.backends import BackendError, explain, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendError", "__version__", "explain", "nn", "ops", "use_backend"]
