@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -261,10 +262,16 @@ def _explain_one(call: Call, backend: str | None) -> str:
 # ---- shared checks -------------------------------------------------------------------------
 
 
-def _module_reasons(module: str, what: str) -> list[str]:
+@functools.cache
+def _module_reasons_cached(module: str, what: str) -> tuple[str, ...]:
     if importlib.util.find_spec(module) is None:
-        return [f"{what} is not installed"]
-    return []
+        return (f"{what} is not installed",)
+    return ()
+
+
+def _module_reasons(module: str, what: str) -> list[str]:
+    """[] if ``module`` can be imported (checked once per process), else the reason."""
+    return list(_module_reasons_cached(module, what))
 
 
 def triton_available() -> list[str]:
