@@ -86,5 +86,8 @@ def test_explain_report():
 def test_env_backend_applies_to_calls(monkeypatch):
     x = torch.randn(6, 17, 8)
     monkeypatch.setenv("FASTVL_BACKEND", "cuda")
-    with pytest.raises(BackendError, match="x is on cpu"):
+    # the reason depends on whether fastvl._C is built here, the refusal does not
+    with pytest.raises(
+        BackendError, match="backend 'cuda' cannot serve this call: (x is on cpu|fastvl._C is not built)"
+    ):
         fastvl.ops.temporal_token_roll(x, 3)

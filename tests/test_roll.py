@@ -126,7 +126,7 @@ def test_bad_input(args, kwargs, exc, match):
 
 def test_explicit_backend_that_cannot_serve_raises():
     x = torch.randn(6, 17, 8)
-    with pytest.raises(BackendError, match="backend 'cuda' cannot serve.*x is on cpu"):
+    with pytest.raises(BackendError, match="backend .cuda. cannot serve.*(x is on cpu|fastvl._C is not built)"):
         fastvl.ops.temporal_token_roll(x, 3, backend="cuda")
     with pytest.raises(BackendError, match="unknown backend 'nope'"):
         fastvl.ops.temporal_token_roll(x, 3, backend="nope")
