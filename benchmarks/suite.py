@@ -12,6 +12,7 @@ A *family module* is any ``benchmarks/bench_*.py`` exposing ``FAMILY: str`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -138,30 +139,46 @@ def _matches(case: Case, family: str, names: set[str]) -> bool:
 
 
 def select_cases(
-    disc: Discovery, ops: list[str], models: list[str], quick: bool, max_cases: int | None
+    disc: Discovery,
+    ops: list[str],
+    models: list[str],
+    quick: bool,
+    max_cases: int | None,
+    errors: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, Case]]:
-    """(family, case) pairs of the selection, generated lazily (a case's tensors live while it is measured)."""
+    """(family, case) pairs of the selection, generated lazily (a case's tensors live while it is measured).
+
+    A family whose case generator raises is recorded in ``errors`` (family -> error) and skipped, not fatal.
+    """
     names = set(ops)
     run_all = not ops and not models
     for fam in disc.families.values():
         n = 0
         gens: list[tuple[Iterable[Case], bool]] = []
-        if run_all or names:
-            gens.append((fam.module.cases(quick), False))
-        if models and fam.has_models():
-            known = fam.models
-            chosen = [m for m in models if m == "all" or known is None or m in known]
-            if "all" in chosen and known is not None:
-                chosen = list(known)
-            if chosen:
-                gens.append((fam.module.model_cases(chosen, quick), True))
-        for gen, is_model in gens:
-            for case in gen:
-                if max_cases is not None and n >= max_cases:
-                    break
-                if run_all or is_model or _matches(case, fam.name, names):
-                    n += 1
-                    yield fam.name, case
+        try:
+            if run_all or names:
+                gens.append((fam.module.cases(quick), False))
+            if models and fam.has_models():
+                known = fam.models
+                chosen = [m for m in models if m == "all" or known is None or m in known]
+                if "all" in chosen and known is not None:
+                    chosen = list(known)
+                if chosen:
+                    gens.append((fam.module.model_cases(chosen, quick), True))
+            for gen, is_model in gens:
+                it = iter(gen)
+                while max_cases is None or n < max_cases:
+                    try:
+                        case = next(it)
+                    except StopIteration:
+                        break
+                    if run_all or is_model or _matches(case, fam.name, names):
+                        n += 1
+                        yield fam.name, case
+        except Exception as e:
+            if errors is None:
+                raise
+            errors[fam.name] = f"{type(e).__name__}: {e}"
 
 
 # ---- outputs -------------------------------------------------------------------------------
@@ -319,7 +336,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--limits",
         action="store_true",
         help="(re)measure the device's copy bandwidth and matmul rate and cache them in results/<device>/ "
-        "(measured automatically when no cache exists)",
+        "(measured automatically when no cache exists); alone, it does only that",
     )
     p.add_argument(
         "--out",
@@ -348,19 +365,25 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _prepare_torch() -> None:
-    """Room for one compiled graph per case and grad mode (the default limit of 8 would silently fall back
-    to eager and report eager's time as torch.compile's)."""
+@contextlib.contextmanager
+def _compile_room() -> Iterator[None]:
+    """Room for one compiled graph per case and grad mode while the suite runs (dynamo's default limit of 8
+    would silently fall back to eager and report eager's time as torch.compile's); restored afterwards."""
     try:
         import torch._dynamo.config as dc
-
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dc, name) and getattr(dc, name) < 256:
-                setattr(dc, name, 256)
-        if hasattr(dc, "accumulated_recompile_limit"):
-            dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 4096)
     except ImportError:
-        pass
+        yield
+        return
+    wanted = {"recompile_limit": 256, "cache_size_limit": 256, "accumulated_recompile_limit": 4096}
+    old = {k: getattr(dc, k) for k in wanted if hasattr(dc, k)}
+    try:
+        for k, v in wanted.items():
+            if k in old and old[k] < v:
+                setattr(dc, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(dc, k, v)
 
 
 def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
@@ -427,28 +450,36 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
             f"[bench] limits: copy {lim['bandwidth_gbps']:.4g} GB/s, {lim.get('matmul_dtype', '')} matmul "
             f"{lim['matmul_tflops']:.4g} TFLOP/s"
         )
-    _prepare_torch()
+    if args.limits and not ops and not models:
+        return 0  # `--limits` alone: measure and cache the limits, nothing else
 
     skip = _split(args.skip_providers)
     rows: list[dict] = []
     errors: dict[str, dict[str, str]] = {}
+    family_errors: dict[str, str] = {}
     seen_ops: set[str] = set()
     from tqdm import tqdm
 
     bar = tqdm(unit="case", desc="bench", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for fam, case in select_cases(disc, ops, models, args.quick, args.max_cases):
-            bar.set_postfix_str(f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}")
-            seen_ops |= {case.op, *case.covered_ops()}
-            rs = common.run_case(case, env, memory=not args.no_memory, rounds=args.rounds, family=fam, skip=skip)
-            rows += rs
-            if case.config.get("errors"):
-                errors[f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}"] = dict(case.config["errors"])
-            times = ", ".join(f"{r['provider']} {r['median']:.3g}" for r in rs if r["metric"] == "time_ms")
-            bar.write(f"  {fam}: {case.op} {case.mode} {case.x_name}={case.x_value}: {times} ms")
-            bar.update(1)
-    finally:
-        bar.close()
+    with _compile_room():
+        try:
+            selected = select_cases(disc, ops, models, args.quick, args.max_cases, family_errors)
+            for fam, case in selected:
+                bar.set_postfix_str(f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}")
+                seen_ops |= {case.op, *case.covered_ops()}
+                rs = common.run_case(case, env, memory=not args.no_memory, rounds=args.rounds, family=fam, skip=skip)
+                rows += rs
+                label = f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}"
+                if case.config.get("errors"):
+                    errors[label] = dict(case.config["errors"])
+                times = ", ".join(f"{r['provider']} {r['median']:.3g}" for r in rs if r["metric"] == "time_ms")
+                bar.write(f"  {label}: {times} ms")
+                bar.update(1)
+        finally:
+            bar.close()
+    for fam, e in family_errors.items():
+        _say(f"[bench] family {fam}: its cases failed, skipped: {e}")
+        errors[f"{fam}: case generation"] = {"-": e}
     if fam_ops := [n for n in ops if n not in disc.families and n not in seen_ops]:
         _say(f"[bench] --ops: no benchmark case covers {', '.join(fam_ops)}")
     if not rows:

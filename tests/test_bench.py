@@ -191,6 +191,7 @@ def toy_pkgs(tmp_path, monkeypatch):
             "bench_toy.py": TOY,
             "bench_broken.py": "raise RuntimeError('boom: a missing dependency')\n",
             "bench_helpers.py": "X = 1\n",
+            "bench_badcases.py": "FAMILY = 'bad'\n\ndef cases(quick):\n    raise ValueError('bad shapes')\n    yield\n",
         },
     )
     models = _write_pkg(tmp_path, "toybench_models", {"bench_toy.py": TOY, "bench_models.py": MODELS})
@@ -209,12 +210,15 @@ def _run(pkg, *argv):
 def test_discovery_reports_broken_modules_and_runs_the_rest(toy_pkgs, tmp_path, capsys):
     plain, _ = toy_pkgs
     disc = suite.discover(plain)
-    assert list(disc.families) == ["toy"]
+    assert sorted(disc.families) == ["bad", "toy"]
     assert "boom: a missing dependency" in disc.errors["bench_broken"]
     assert "not a family module" in disc.skipped["bench_helpers"]
     out = tmp_path / "out"
     assert _run(plain, "--out", str(out)) == 0
-    assert "bench_broken: not used: RuntimeError: boom" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bench_broken: not used: RuntimeError: boom" in printed
+    assert "family bad: its cases failed, skipped: ValueError: bad shapes" in printed
+    assert "bad shapes" in (out / "results.md").read_text()
     rows = json.loads((out / "results.json").read_text())
     summary = common.summarize(rows)
     assert len(summary) == 2
@@ -406,3 +410,27 @@ def test_repository_readme_performance_section_is_current():
 def test_time_units_are_milliseconds():
     st = common.measure_time(lambda: time.sleep(0.01), warmup=0, rounds=3)
     assert 9 < st.median < 50
+
+
+def test_gpu_timing_path_interleaves_do_bench_passes(monkeypatch):
+    """The GPU branch's control flow with do_bench faked (no GPU here; the real path is untested on a CPU)."""
+    import triton.testing
+
+    seen = []
+
+    def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        fn()
+        seen.append((calls[-1], warmup, rep, return_mode))
+        return {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0]}[calls[-1]]
+
+    calls = []
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(common, "sync", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    stats, errors = common.measure_providers({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")})
+    assert not errors
+    assert [s[0] for s in seen] == ["a", "b"] * common.GPU_PASSES
+    assert all(s[2] == pytest.approx(common.GPU_REP_MS / common.GPU_PASSES) and s[3] == "all" for s in seen)
+    assert stats["a"].median == 2.0 and stats["b"].median == 5.0  # pooled over the passes
+    assert stats["a"].p20 == pytest.approx(common.quantile([1.0, 2.0, 3.0] * common.GPU_PASSES, 0.2))
