@@ -435,6 +435,14 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
         return 0
 
     out_dir = os.path.abspath(args.out or common.default_out_dir())
+    path = os.path.join(out_dir, "results.json")
+    old_rows = common.read_rows(path) if os.path.exists(path) and not args.fresh else []
+    if other := {r["device"] for r in old_rows} - {env["device"]}:
+        _say(
+            f"[bench] {path} holds rows of another device ({', '.join(sorted(other))}): "
+            "use another --out, or --fresh to overwrite it"
+        )
+        return 2
     os.makedirs(out_dir, exist_ok=True)
     if cpu:
         _say(f"[bench] CPU run on {env['device']}: CPU timings, not GPU figures")
@@ -486,19 +494,12 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
         _say("[bench] nothing was measured")
         return 2
 
-    path = os.path.join(out_dir, "results.json")
-    all_rows = rows
-    if os.path.exists(path) and not args.fresh:
-        old = common.read_rows(path)
-        other = {r["device"] for r in old} - {env["device"]}
-        if other:
-            _say(
-                f"[bench] {path} holds rows of another device ({', '.join(sorted(other))}): "
-                "use another --out or --fresh; nothing written"
-            )
-            return 2
-        all_rows = merge_rows(old, rows)
+    all_rows = merge_rows(old_rows, rows)
     common.write_rows(all_rows, path)
+    for r in all_rows[: len(all_rows) - len(rows)]:  # provider errors of the cases kept from earlier runs
+        if r["metric"] == "time_ms" and r["config"].get("errors"):
+            label = f"{r['family']}: {r['op']} {r['mode']} {r['x_name']}={r['x_value']}"
+            errors.setdefault(label, dict(r["config"]["errors"]))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(all_rows, lim, errors))
     for fam in sorted({r["family"] for r in all_rows}):

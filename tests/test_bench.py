@@ -250,6 +250,11 @@ def test_selection_by_op_and_merge_of_reruns(toy_pkgs, tmp_path):
     times = [r for r in merged if r["metric"] == "time_ms"]
     assert len(times) == 8  # 2 cases x 4 providers, n=1 rows replaced, not duplicated
     assert any(r["metric"] == "memory_mb" for r in merged)  # kept from the first run (not re-measured)
+    for r in merged:
+        r["device"] = "another device"
+    common.write_rows(merged, str(out / "results.json"))
+    assert _run(plain, "--ops", "toy", "--out", str(out)) == 2  # never mixes devices in one file
+    assert json.loads((out / "results.json").read_text()) == merged
 
 
 def test_measure_providers_alternates_after_warmup_and_drops_failures():
