@@ -5,13 +5,12 @@ gather, MAE's rand + argsort + gather), torch.compile of that eager code, and ea
 that can run here. Shapes: All-in-one-B (B*T=96, 40 text + 197 video tokens, C=768) and VATT-M video
 (B=64, L=1568, C=1024). ``--quick`` shrinks everything for a CPU smoke run.
 
-    python -m benchmarks.bench_tokens [--quick] [--out results.json]
+    python -m benchmarks.bench_tokens [--quick] [--out DIR]   (= python -m benchmarks --ops tokens ...)
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import sys
 
 import torch
 
@@ -19,9 +18,11 @@ import fastvl
 from fastvl.ops.tokens import gather_reference
 
 try:
-    from .common import Case, environment, markdown_table, run_case, write_rows
+    from .common import Case
 except ImportError:  # run as a script
-    from common import Case, environment, markdown_table, run_case, write_rows
+    from common import Case
+
+FAMILY = "tokens"
 
 
 # ---- the eager code the methods ship -------------------------------------------------------
@@ -140,7 +141,8 @@ def cases(quick: bool = False):
         nbytes = (2 * B * K * C + K * C) * esize
         fw = {k: _fwd_full(f, (x,))[0] for k, f in provs.items()}
         fu = {k: _fwd_full(f, (x,))[1] for k, f in provs.items()}
-        yield Case("drop_tokens", "fwd", "tokens", B * L, fw, {**cfg, "keep_rate": 0.5}, nbytes)
+        draw_gather = ("draw_tokens", "gather_tokens")
+        yield Case("drop_tokens", "fwd", "tokens", B * L, fw, {**cfg, "keep_rate": 0.5}, nbytes, covers=draw_gather)
         yield Case(
             "drop_tokens",
             "full",
@@ -149,6 +151,7 @@ def cases(quick: bool = False):
             fu,
             {**cfg, "keep_rate": 0.5},
             nbytes + (B * K * C + B * L * C) * esize,
+            covers=draw_gather,
         )
         # masking (ratio 0.75, per sample)
         K = int(L * 0.25)
@@ -162,7 +165,9 @@ def cases(quick: bool = False):
         nbytes = (2 * B * K * C + min(B * K, L) * C) * esize + B * L * (8 + esize)
         fw = {k: _fwd_full(f, (x,))[0] for k, f in provs.items()}
         fu = {k: _fwd_full(f, (x,))[1] for k, f in provs.items()}
-        yield Case("random_masking", "fwd", "tokens", B * L, fw, {**cfg, "mask_ratio": 0.75}, nbytes)
+        yield Case(
+            "random_masking", "fwd", "tokens", B * L, fw, {**cfg, "mask_ratio": 0.75}, nbytes, covers=draw_gather
+        )
         yield Case(
             "random_masking",
             "full",
@@ -171,6 +176,7 @@ def cases(quick: bool = False):
             fu,
             {**cfg, "mask_ratio": 0.75},
             nbytes + (B * K * C + B * L * C) * esize,
+            covers=draw_gather,
         )
         # plain gather with given unique indices, fwd + bwd
         idx = torch.argsort(torch.rand(B, L, device=dev), dim=1)[:, : L // 2]
@@ -187,39 +193,38 @@ def cases(quick: bool = False):
         nbytes = 2 * B * K * C * esize
         fu = {k: _fwd_full(f, (x,))[1] for k, f in provs.items()}
         fw = {k: _fwd_full(f, (x,))[0] for k, f in provs.items()}
-        yield Case("gather_tokens", "fwd", "tokens", B * L, fw, {**cfg, "K": K}, nbytes)
-        yield Case(
-            "gather_tokens", "full", "tokens", B * L, fu, {**cfg, "K": K}, nbytes + (B * K * C + B * L * C) * esize
-        )
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    p.add_argument("--out", default=None, help="JSON rows path (default: print the table only)")
-    args = p.parse_args(argv)
-    env = environment()
-    if env["device_kind"] == "cpu":
-        print(f"CPU run on {env['device']}: these are CPU timings, not GPU figures")
-    rows = []
-    for case in cases(args.quick):
-        rows += run_case(case, env)
-        print(
-            f"  {case.op} {case.mode} {case.x_name}={case.x_value}: "
-            + ", ".join(
-                f"{r['provider']} {r['median']:.3g} ms"
-                for r in rows[-40:]
-                if r["metric"] == "time_ms"
-                and r["op"] == case.op
-                and r["mode"] == case.mode
-                and r["x_value"] == case.x_value
+        cfg_u = {**cfg, "K": K, "unique_indices": True}
+        yield Case("gather_tokens", "fwd", "tokens", B * L, fw, cfg_u, nbytes)
+        yield Case("gather_tokens", "full", "tokens", B * L, fu, cfg_u, nbytes + (B * K * C + B * L * C) * esize)
+        # indices that may repeat: the backward is the scatter-add (scatter_tokens)
+        idx = torch.randint(0, L, (B, K), device=dev)
+        provs = {"eager": lambda a, idx=idx: gather_reference(a, idx)}
+        comp = _compiled(provs["eager"])
+        if comp is not None:
+            provs["compile"] = comp
+        provs["fastvl"] = lambda a, idx=idx: fastvl.ops.gather_tokens(a, idx, check_bounds=False)
+        for b in _backends("scatter_tokens"):
+            provs[f"fastvl-{b}"] = lambda a, b=b, idx=idx: fastvl.ops.gather_tokens(
+                a, idx, check_bounds=False, backend=b
             )
+        fu = {k: _fwd_full(f, (x,))[1] for k, f in provs.items()}
+        yield Case(
+            "gather_tokens",
+            "full",
+            "tokens",
+            B * L,
+            fu,
+            {**cfg, "K": K, "unique_indices": False},
+            nbytes + (B * K * C + B * L * C) * esize,
+            covers=("gather_tokens", "scatter_tokens"),
         )
-    print(markdown_table(rows))
-    if args.out:
-        write_rows(rows, args.out)
-        print(f"wrote {len(rows)} rows to {os.path.abspath(args.out)}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """This family through the suite: ``python -m benchmarks.bench_tokens [suite options]``."""
+    from .suite import main as suite_main
+
+    return suite_main(["--ops", FAMILY, *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``fastvl`` command line: info, demo (later: pretrain, eval, bench)."""
+"""``fastvl`` command line: info, demo, bench (later: pretrain, eval)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,26 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args) -> int:
+    """The benchmark suite (benchmarks/suite.py): same options as ``python -m benchmarks``."""
+    from fastvl.benchmarks import suite
+
+    return suite.run(args, package="fastvl.benchmarks")
+
+
+def _add_bench(sub) -> None:
+    from fastvl.benchmarks import suite
+
+    pb = sub.add_parser(
+        "bench",
+        help="benchmark every op family (and model) against eager PyTorch, torch.compile and the best peer",
+        description=suite.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    suite.add_arguments(pb)
+    pb.set_defaults(fn=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastvl", description="fast video-language pretraining kernels and models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -108,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.set_defaults(fn=cmd_info)
     pd = sub.add_parser("demo", help="run every token op once and check it against its reference")
     pd.set_defaults(fn=cmd_demo)
+    _add_bench(sub)
     return p
 
 

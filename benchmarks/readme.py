@@ -1,0 +1,157 @@
+"""Regenerate README.md's performance section from the committed GPU results.
+
+Reads ``benchmarks/results/<device>/results.json`` (GPU rows only: CPU rows, and the git-ignored
+``local-*`` CPU runs, are never shown) and writes, between ``<!-- perf:start -->`` and
+``<!-- perf:end -->``, one table per device and provenance (torch, triton, fastvl commit) with each fastvl
+figure next to eager PyTorch and the best peer, plus the list of cases where fastvl is slower.
+
+    python benchmarks/readme.py            # rewrite the section
+    python benchmarks/readme.py --check    # exit 1 when the section is stale (run by tests/test_bench.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+START = "<!-- perf:start -->"
+END = "<!-- perf:end -->"
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_README = os.path.join(HERE, "..", "README.md")
+DEFAULT_RESULTS = os.path.join(HERE, "results")
+
+
+def result_files(root: str) -> list[str]:
+    """``<root>/<device>/results.json`` of every committed device directory (``local-*`` excluded)."""
+    return sorted(
+        p
+        for p in glob.glob(os.path.join(root, "*", "results.json"))
+        if not os.path.basename(os.path.dirname(p)).startswith("local-")
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.3g}"
+
+
+def render(root: str, base: str) -> str:
+    """The section's Markdown (without the markers); paths are written relative to ``base``."""
+    blocks: list[str] = []
+    skipped = 0
+    for path in result_files(root):
+        rows = common.read_rows(path)
+        gpu = [r for r in rows if r.get("device_kind") == "cuda"]
+        skipped += len(rows) - len(gpu)
+        if not gpu:
+            continue
+        d = os.path.dirname(path)
+        rel = os.path.relpath(path, base).replace(os.sep, "/")
+        lim_path = os.path.join(d, "limits.json")
+        lim = {}
+        if os.path.exists(lim_path):
+            with open(lim_path) as f:
+                lim = json.load(f)
+        for dev in sorted({r["device"] for r in gpu}):
+            blocks.append(f"### {dev}")
+            blocks.append("")
+            note = f"From `{rel}`."
+            if lim.get("source") == "measured":
+                note += (
+                    f" Measured limits: copy bandwidth {lim['bandwidth_gbps']:.4g} GB/s, {lim.get('matmul_dtype', '')} "
+                    f"matmul {lim['matmul_tflops']:.4g} TFLOP/s (torch {lim.get('torch')}, commit {lim.get('commit')})."
+                )
+            else:
+                note += " No measured limits committed: % figures use nominal device peaks where marked."
+            blocks += [note, ""]
+            drows = [r for r in gpu if r["device"] == dev]
+            for prov in sorted({(r["torch"], r["triton"], r["commit"]) for r in drows}):
+                prows = [r for r in drows if (r["torch"], r["triton"], r["commit"]) == prov]
+                stamps = sorted({r["timestamp"] for r in prows})
+                when = stamps[0][:10] + (f" to {stamps[-1][:10]}" if stamps[-1][:10] != stamps[0][:10] else "")
+                blocks += [f"torch {prov[0]}, triton {prov[1]}, fastvl commit `{prov[2]}`, measured {when}:", ""]
+                for fam in sorted({r.get("family", "") for r in prows}):
+                    frows = [r for r in prows if r.get("family", "") == fam]
+                    blocks += [f"**{fam or 'other'}**", "", common.summary_table(frows), ""]
+                    png = os.path.join(d, f"{fam}.png")
+                    if fam and os.path.exists(png):
+                        blocks += [f"![{fam} on {dev}]({os.path.relpath(png, base).replace(os.sep, '/')})", ""]
+                slower = [
+                    s
+                    for s in common.summarize(prows)
+                    if (s["vs_eager"] is not None and s["vs_eager"] < 1)
+                    or (s["vs_best_peer"] is not None and s["vs_best_peer"] < 1)
+                ]
+                if slower:
+                    blocks += ["Cases where fastvl is slower than eager or the best peer:", ""]
+                    for s in slower:
+                        blocks.append(
+                            f"- {s['op']} {s['mode']} {s['x_name']}={s['x_value']} "
+                            f"({common.config_text(s['config'])}), {s['provider']} {_fmt(s['time_ms'])} ms: "
+                            f"eager {_fmt(s['eager_ms'])} ms ({_fmt(s['vs_eager'])}x), best peer {s['best_peer']} "
+                            f"{_fmt(s['best_peer_ms'])} ms ({_fmt(s['vs_best_peer'])}x)"
+                        )
+                    blocks.append("")
+    rel_root = os.path.relpath(root, base).replace(os.sep, "/")
+    if not blocks:
+        return (
+            "No GPU results are committed yet, so there is no performance table. `fastvl bench` on a GPU writes "
+            f"`{rel_root}/<device>/` (results.json, results.md, plots); commit that directory and run "
+            "`python benchmarks/readme.py` to generate this section from it. CPU runs go to git-ignored "
+            "`local-*` directories and are never shown here."
+        )
+    head = [
+        f"Generated by `python benchmarks/readme.py` from the GPU results committed in `{rel_root}/` "
+        "(do not edit by hand). Ratios are the other provider's median time over fastvl's (> 1: fastvl is "
+        "faster); the best peer is the fastest provider that is neither eager PyTorch nor fastvl "
+        "(torch.compile of the eager code, SDPA, flash-attn, ...); % of limit is of the measured copy bandwidth "
+        "for memory-bound ops and of the bf16 matmul peak for compute-bound ones.",
+        "",
+    ]
+    if skipped:
+        head += [f"({skipped} CPU rows in those files are not shown.)", ""]
+    return "\n".join(head + blocks).rstrip()
+
+
+def update(text: str, section: str) -> str:
+    """``text`` with the part between the markers replaced by ``section``."""
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"README has no {START} ... {END} markers")
+    return text[: i + len(START)] + "\n" + section + "\n" + text[j:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", default=DEFAULT_README)
+    p.add_argument("--results", default=DEFAULT_RESULTS, help="the results root (one directory per device)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the README's section is not up to date")
+    args = p.parse_args(argv)
+    readme = os.path.abspath(args.readme)
+    with open(readme) as f:
+        text = f.read()
+    new = update(text, render(os.path.abspath(args.results), os.path.dirname(readme)))
+    if args.check:
+        if new != text:
+            print(f"{readme}: the performance section is stale: run python benchmarks/readme.py", file=sys.stderr)
+            return 1
+        print(f"{readme}: the performance section is up to date")
+        return 0
+    if new != text:
+        with open(readme, "w") as f:
+            f.write(new)
+        print(f"{readme}: performance section regenerated")
+    else:
+        print(f"{readme}: performance section already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
