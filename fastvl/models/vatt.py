@@ -44,7 +44,7 @@ class VATTConfig:
     audio_patch: int = 128
     max_audio_tokens: int = 1200  # 3.2 s at 48 kHz
     max_text_len: int = 16
-    vocab_size: int = 30522
+    vocab_size: int = 30522  # BERT ids like the other models (VATT used a 2^16 word2vec vocabulary: override)
     pad_id: int = 0
     cls_id: int = 101
     sep_id: int = 102
