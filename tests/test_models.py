@@ -268,11 +268,13 @@ def test_allinone_fused_rolling_equals_explicit():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", ["allinone-tiny:explicit", "allinone-tiny:fused", *TINY[1:]])
 def test_backends_give_equal_losses_and_gradients(name):
     """The same weights and random state under use_backend('triton') and 'reference': token ops run their
-    Triton kernels (interpreted on the CPU), ops without one fall back; drop/mask subsets are injected."""
-    m = tiny(name, rolling="explicit") if name.startswith("allinone") else tiny(name)
+    Triton kernels (interpreted on the CPU), ops without one fall back; drop/mask subsets are injected.
+    All-in-one runs the roll kernel when explicit, roll-aware attention when fused."""
+    name, _, rolling = name.partition(":")
+    m = tiny(name, rolling=rolling) if rolling else tiny(name)
     batch = make_batch(m)
     noise = noise_for(m, batch)
     with fastvl.use_backend("reference"):
@@ -373,6 +375,13 @@ PARAMS = {  # exact counts; All-in-one excluding the MLM decoder, VATT video bac
     "allinone-s": (45_846_588, 34_095_618, 33e6),
     "allinone-b": (134_718_780, 111_247_362, 110e6),
 }
+TOTAL_PARAMS = {
+    "vatt-bbs": 203_076_088,
+    "vatt-mbs": 270_104_568,
+    "vatt-lbs": 421_259_256,
+    "vatt-ma-medium": 172_148_216,
+    "mac-b": 152_191_233,
+}
 VATT_VIDEO_BACKBONE = {"vatt-bbs": (87_416_064, 87.9e6), "vatt-mbs": (154_303_488, 155.0e6)}
 VATT_VIDEO_BACKBONE["vatt-lbs"] = (305_458_176, 306.1e6)
 VATT_VIDEO_BACKBONE["vatt-ma-medium"] = (154_303_488, 155.0e6)
@@ -400,6 +409,11 @@ def test_vatt_backbone_params(name):
     got = sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in m.video_tokenizer.proj.parameters())
     assert got == n
     assert abs(got / paper - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", list(TOTAL_PARAMS))
+def test_total_params(name):
+    assert _meta(name).num_params() == TOTAL_PARAMS[name]
 
 
 def _encoder_macs(depth, L, C, n=1):
