@@ -1,0 +1,28 @@
+"""Models: All-in-one, VATT and MAC on fastvl's ops, one shared pre-norm block, a registry by name.
+
+``create_model(name, **overrides)`` builds one (``list_models()`` names them); ``describe(name)`` prints its
+parameters and forward FLOPs beside the papers' figures (also ``fastvl info --model NAME``).
+"""
+
+from .allinone import AllInOne, AllInOneConfig
+from .blocks import Block, Encoder, Roll
+from .mac import MAC, MACConfig
+from .registry import create_model, describe, example_batch, list_models, model_stats
+from .vatt import VATT, VATTConfig
+
+__all__ = [
+    "MAC",
+    "VATT",
+    "AllInOne",
+    "AllInOneConfig",
+    "Block",
+    "Encoder",
+    "MACConfig",
+    "Roll",
+    "VATTConfig",
+    "create_model",
+    "describe",
+    "example_batch",
+    "list_models",
+    "model_stats",
+]

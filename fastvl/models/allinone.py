@@ -1,0 +1,235 @@
+"""All-in-one (Wang et al. 2022): one ViT stream over [text; video] per frame with temporal token rolling.
+
+Tokens per frame sequence: the text (word + position, LayerNorm, modality type 0), copied per frame, then
+the frame's CLS + patches (patch embedding + positions, temporal embedding on patches, modality type 1):
+``(B*T, Lt + 1 + N, C)``. Tokens roll in time before every block (``rolling="fused"``: roll-aware
+attention, nothing copied; ``"explicit"``: ``fastvl.ops.temporal_token_roll``); the frame average of all
+tokens feeds the heads. Pretraining losses: VTM (half the pairs get another video of the batch; pooler on
+the text CLS -> 2 classes), MLM (15% of real tokens, 80/10/10) and VTC (unimodal passes without rolling,
+Linear to 512, temperature 0.05, symmetric).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ops
+from ._common import BatchChecker, VLModel, l2norm, rng_device
+from .blocks import Encoder, Roll
+
+
+@dataclasses.dataclass
+class AllInOneConfig:
+    depth: int = 12
+    dim: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    img_size: int = 224
+    patch_size: int = 16
+    num_frames: int = 3
+    max_text_len: int = 40
+    vocab_size: int = 30522
+    pad_id: int = 0
+    cls_id: int = 101
+    sep_id: int = 102
+    mask_id: int = 103
+    roll_fraction: float = 0.125
+    rolling: str = "fused"  # "fused" | "explicit" | "none"
+    vtc_dim: int = 512
+    vtc_temperature: float = 0.05
+    mlm_prob: float = 0.15
+    tasks: tuple[str, ...] = ("vtm", "mlm", "vtc")
+    loss_weights: tuple[float, ...] | None = None  # per task, default 1 each
+    eps: float = 1e-6
+    drop: float = 0.0
+
+
+class AllInOne(VLModel):
+    """All-in-one pretraining model. ``forward(batch)`` -> dict of losses (``vtm``, ``mlm``, ``vtc``, ``loss``).
+
+    Batch: ``video`` float (B, T, 3, H, W), ``text_ids`` int (B, Lt), ``text_mask`` bool (B, Lt) True = real.
+    ``encode_video(video)`` / ``encode_text(ids, mask)`` give L2-normalised (B, vtc_dim) VTC embeddings.
+    """
+
+    name = "AllInOne"
+    config_cls = AllInOneConfig
+
+    def __init__(self, config: AllInOneConfig | None = None, backend: str | None = None, **overrides):
+        super().__init__(backend)
+        cfg = dataclasses.replace(config or AllInOneConfig(), **overrides)
+        if cfg.rolling not in ("fused", "explicit", "none"):
+            raise ValueError(f"AllInOne: rolling must be 'fused', 'explicit' or 'none', got {cfg.rolling!r}")
+        unknown = set(cfg.tasks) - {"vtm", "mlm", "vtc"}
+        if unknown or not cfg.tasks:
+            raise ValueError(f"AllInOne: tasks must be a non-empty subset of (vtm, mlm, vtc), got {cfg.tasks}")
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"AllInOne: img_size={cfg.img_size} must be divisible by patch_size={cfg.patch_size}")
+        self.config = cfg
+        C = cfg.dim
+        self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
+        # text embeddings (BERT-style: word + position, LayerNorm)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, C)
+        self.text_pos_embed = nn.Parameter(torch.zeros(cfg.max_text_len, C))
+        self.text_norm = _ops.LayerNorm(C, eps=cfg.eps, backend=backend)
+        # video embeddings (ViT patch embedding + CLS + positions) and temporal embedding on patches
+        self.patch_embed = nn.Conv2d(3, C, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1 + self.num_patches, C))
+        self.temporal_embed = nn.Parameter(torch.zeros(cfg.num_frames, C))
+        self.type_embed = nn.Embedding(2, C)  # 0 text, 1 video
+        self.encoder = Encoder(cfg.depth, C, cfg.num_heads, cfg.mlp_ratio, True, cfg.eps, cfg.drop, backend)
+        # heads
+        self.pooler = nn.Linear(C, C)
+        self.vtm_head = nn.Linear(C, 2)
+        self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), _ops.LayerNorm(C, eps=cfg.eps, backend=backend))
+        self.mlm_decoder = nn.Linear(C, cfg.vocab_size)
+        self.vtc_text_proj = nn.Linear(C, cfg.vtc_dim)
+        self.vtc_video_proj = nn.Linear(C, cfg.vtc_dim)
+        self.apply(self._init_weights)
+        for p in (self.text_pos_embed, self.cls_token, self.pos_embed, self.temporal_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def _check_video(self, chk: BatchChecker, key: str = "video") -> torch.Tensor:
+        v = chk.video(key)
+        if v.shape[1] != self.config.num_frames:
+            chk.fail(key, f"has {v.shape[1]} frames, the model takes num_frames={self.config.num_frames}")
+        chk.check_spatial(key, v, self.config.patch_size, self.config.img_size)
+        if tuple(v.shape[-2:]) != (self.config.img_size,) * 2:
+            chk.fail(key, f"has frames of {tuple(v.shape[-2:])}, the position table is for {self.config.img_size}px")
+        return v
+
+    def _check_text(self, chk: BatchChecker) -> tuple[torch.Tensor, torch.Tensor]:
+        return chk.text("text_ids", "text_mask", self.config.max_text_len, self.config.vocab_size)
+
+    # ---- embeddings and passes ---------------------------------------------------------------
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, Lt) -> (B, Lt, C): LN(word + position) + type 0."""
+        Lt = ids.shape[1]
+        x = self.text_norm(self.word_embeddings(ids) + self.text_pos_embed[:Lt])
+        return x + self.type_embed.weight[0]
+
+    def embed_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, T, 3, H, W) -> (B, T, 1 + N, C): [CLS; patches] + positions, temporal on patches, type 1."""
+        B, T = video.shape[:2]
+        x = self.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, N, C)
+        x = x.reshape(B, T, self.num_patches, -1) + self.temporal_embed[:T, None]
+        cls = self.cls_token.expand(B, T, 1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=2) + self.pos_embed
+        return x + self.type_embed.weight[1]
+
+    def fused(self, text: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """One stream over [text; video] per frame, rolled before every block; frame average.
+
+        text (B, Lt, C) embedded, text_mask (B, Lt) True = real, video (B, T, 1 + N, C) embedded
+        -> (B, Lt + 1 + N, C) normalised tokens averaged over the T frame sequences.
+        """
+        B, T, L, C = video.shape
+        Lt = text.shape[1]
+        x = torch.cat([text[:, None].expand(B, T, Lt, C).to(video.dtype), video], dim=2).reshape(B * T, Lt + L, C)
+        pad = torch.cat([~text_mask, text_mask.new_zeros(B, L)], dim=1)
+        pad = pad[:, None].expand(B, T, Lt + L).reshape(B * T, Lt + L)
+        y = self.encoder(x, pad, self._roll(T, Lt, L))
+        return y.reshape(B, T, Lt + L, C).mean(1)
+
+    def _roll(self, T: int, text_len: int, L: int) -> Roll | None:
+        cfg = self.config
+        f = int(L * cfg.roll_fraction + 1e-9)
+        if cfg.rolling == "none" or T == 1 or f == 0:
+            return None
+        return Roll(T, text_len, cfg.roll_fraction, cfg.rolling)
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unimodal text pass (no rolling): (B, Lt) -> normalised tokens (B, Lt, C)."""
+        return self.encoder(self.embed_text(ids), ~mask)
+
+    def video_features(self, video: torch.Tensor) -> torch.Tensor:
+        """Unimodal video pass (no rolling): (B, T, 3, H, W) -> frame-averaged tokens (B, 1 + N, C)."""
+        v = self.embed_video(video)
+        B, T, L, C = v.shape
+        return self.encoder(v.reshape(B * T, L, C)).reshape(B, T, L, C).mean(1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised VTC text embeddings (B, vtc_dim) from the text CLS of the unimodal pass."""
+        chk = BatchChecker(f"{self.name}.encode_text", {"text_ids": ids, "text_mask": mask})
+        ids, mask = self._check_text(chk)
+        return l2norm(self.vtc_text_proj(self.text_features(ids, mask)[:, 0]))
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """L2-normalised VTC video embeddings (B, vtc_dim) from the frame-averaged CLS of the unimodal pass."""
+        video = self._check_video(BatchChecker(f"{self.name}.encode_video", {"video": video}))
+        return l2norm(self.vtc_video_proj(self.video_features(video)[:, 0]))
+
+    def vtm_logits(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Video-text matching logits (B, 2) (index 1 = match) from the fused pass (retrieval re-ranking)."""
+        chk = BatchChecker(f"{self.name}.vtm_logits", {"video": video, "text_ids": ids, "text_mask": mask})
+        video = self._check_video(chk)
+        ids, mask = self._check_text(chk)
+        y = self.fused(self.embed_text(ids), mask, self.embed_video(video))
+        return self.vtm_head(torch.tanh(self.pooler(y[:, 0])))
+
+    # ---- pretraining -------------------------------------------------------------------------
+
+    def mlm_mask(
+        self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking of real, non-special tokens: each chosen with mlm_prob; of those 80% -> [MASK],
+        10% -> random id, 10% kept. Returns (masked ids, labels with -100 where not chosen)."""
+        cfg = self.config
+        special = (ids == cfg.pad_id) | (ids == cfg.cls_id) | (ids == cfg.sep_id) | ~mask
+        d = rng_device(generator, ids.device)
+        u = torch.rand(ids.shape, generator=generator, device=d).to(ids.device)
+        chosen = (u < cfg.mlm_prob) & ~special
+        r = torch.rand(ids.shape, generator=generator, device=d).to(ids.device)
+        rand_ids = torch.randint(cfg.vocab_size, ids.shape, generator=generator, device=d).to(ids.device)
+        new = torch.where(chosen & (r < 0.8), torch.full_like(ids, cfg.mask_id), ids)
+        new = torch.where(chosen & (r >= 0.8) & (r < 0.9), rand_ids, new)
+        return new, torch.where(chosen, ids, torch.full_like(ids, -100))
+
+    def vtm_pairs(self, B: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half the pairs (B // 2, at random) get another video of the batch: (video index (B,), labels (B,))."""
+        d = rng_device(generator, device)
+        neg = torch.zeros(B, dtype=torch.bool, device=device)
+        neg[torch.randperm(B, generator=generator, device=d)[: B // 2].to(device)] = True
+        shift = torch.randint(1, B, (B,), generator=generator, device=d).to(device)
+        idx = torch.arange(B, device=device)
+        return torch.where(neg, (idx + shift) % B, idx), (~neg).long()
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Pretraining losses for one batch. Randomness (MLM masks, VTM negatives) comes from ``generator``
+        (default: torch's global generator), never from a backend, so backends can be compared."""
+        chk = BatchChecker(self.name, batch)
+        video = self._check_video(chk)
+        ids, mask = self._check_text(chk)
+        cfg = self.config
+        B = video.shape[0]
+        if "vtm" in cfg.tasks and B < 2:
+            chk.fail("video", f"has batch size {B}: VTM negatives need another video in the batch (B >= 2)")
+        v = self.embed_video(video)
+        losses: dict[str, torch.Tensor] = {}
+        if "mlm" in cfg.tasks:
+            mids, labels = self.mlm_mask(ids, mask, generator)
+            y = self.fused(self.embed_text(mids), mask, v)
+            logits = self.mlm_decoder(self.mlm_transform(y[:, : ids.shape[1]])).float()
+            n = (labels != -100).sum().clamp_min(1)
+            losses["mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n
+        if "vtm" in cfg.tasks:
+            vidx, labels = self.vtm_pairs(B, video.device, generator)
+            y = self.fused(self.embed_text(ids), mask, v[vidx])
+            losses["vtm"] = F.cross_entropy(self.vtm_head(torch.tanh(self.pooler(y[:, 0]))).float(), labels)
+        if "vtc" in cfg.tasks:
+            t = l2norm(self.vtc_text_proj(self.text_features(ids, mask)[:, 0]))
+            T, L, C = v.shape[1:]
+            vf = self.encoder(v.reshape(B * T, L, C)).reshape(B, T, L, C).mean(1)
+            vv = l2norm(self.vtc_video_proj(vf[:, 0]))
+            scale = torch.tensor(1.0 / cfg.vtc_temperature, device=t.device)
+            losses["vtc"] = _ops.clip_loss(vv, t, scale, backend=self.backend)
+        weights = cfg.loss_weights or (1.0,) * len(cfg.tasks)
+        losses["loss"] = sum(w * losses[k] for k, w in zip(cfg.tasks, weights))
+        return losses

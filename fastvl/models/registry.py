@@ -1,0 +1,238 @@
+"""Model registry by name, and ``describe``: parameters and forward FLOPs next to the papers' figures."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import sys
+from typing import Any, TextIO
+
+import torch
+
+from . import flops as _flops
+from .allinone import AllInOne
+from .mac import MAC
+from .vatt import VATT
+
+# VATT's backbone sizes (layers, hidden, heads; MLP = 4 x hidden) and their paper parameter counts
+VATT_SIZES = {"small": (6, 512, 8), "base": (12, 768, 12), "medium": (12, 1024, 16), "large": (24, 1024, 16)}
+VATT_PAPER_PARAMS = {"small": 20.9e6, "base": 87.9e6, "medium": 155.0e6, "large": 306.1e6}
+_LETTER = {"s": "small", "b": "base", "m": "medium", "l": "large"}
+
+_TINY_VATT = dict(
+    num_frames=8, img_size=32, max_audio_tokens=16, text_embed_dim=24, va_dim=32, vt_dim=16, max_text_len=16
+)
+
+_MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
+    # name: (class, config, paper figures)
+    "allinone-ti": (AllInOne, dict(depth=12, dim=192, num_heads=3), {"params": 12e6}),
+    "allinone-s": (AllInOne, dict(depth=12, dim=384, num_heads=6), {"params": 33e6}),
+    "allinone-b": (AllInOne, dict(depth=12, dim=768, num_heads=12), {"params": 110e6, "gmacs_fused": 58.7}),
+    "allinone-tiny": (AllInOne, dict(depth=2, dim=64, num_heads=2, img_size=32, patch_size=8, max_text_len=12), {}),
+    "vatt-bbs": (VATT, dict(video=VATT_SIZES["base"], audio=VATT_SIZES["base"], text=VATT_SIZES["small"]), {}),
+    "vatt-mbs": (
+        VATT,
+        dict(video=VATT_SIZES["medium"], audio=VATT_SIZES["base"], text=VATT_SIZES["small"]),
+        {"gflops_drop": {0: 784.8, 25: 574.2, 50: 375.4, 75: 188.1}},
+    ),
+    "vatt-lbs": (VATT, dict(video=VATT_SIZES["large"], audio=VATT_SIZES["base"], text=VATT_SIZES["small"]), {}),
+    "vatt-ma-medium": (VATT, dict(video=VATT_SIZES["medium"], agnostic=True), {}),
+    "vatt-tiny": (VATT, dict(video=(2, 64, 2), audio=(1, 48, 2), text=(1, 32, 2), **_TINY_VATT), {}),
+    "vatt-ma-tiny": (VATT, dict(video=(2, 64, 2), agnostic=True, **_TINY_VATT), {}),
+    "mac-b": (MAC, {}, {"flops_reduction": 0.60}),
+    "mac-tiny": (
+        MAC,
+        dict(video=(2, 64, 2), text=(2, 64, 2), img_size=32, patch_size=8, max_text_len=12, proj_dim=32),
+        {},
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return list(_MODELS)
+
+
+def create_model(name: str, **overrides: Any):
+    """Build a model by name; ``overrides`` replace config fields (e.g. ``vocab_size=65536``, ``rolling=
+    "explicit"``, ``keep_rate=0.25``) or pass ``backend=``. Unknown names or fields raise with the choices."""
+    if name not in _MODELS:
+        raise ValueError(f"create_model: unknown model {name!r}; available: {', '.join(_MODELS)}")
+    cls, cfg, _ = _MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    bad = sorted(set(overrides) - fields - {"backend"})
+    if bad:
+        raise TypeError(f"create_model({name!r}): unknown config field(s) {bad}; fields: {', '.join(sorted(fields))}")
+    model = cls(**{**cfg, **overrides})
+    model.model_name = name
+    return model
+
+
+# ---- sizes and FLOPs -----------------------------------------------------------------------
+
+
+def _meta_model(name: str, **overrides):
+    with torch.device("meta"):
+        return create_model(name, **overrides)
+
+
+def example_batch(model, batch_size: int = 1, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
+    """A batch at the model's configured input size: video ``num_frames x img_size^2``, ``max_text_len``
+    text tokens, for VATT ``max_audio_tokens * 128`` audio samples. On ``meta`` it only carries shapes."""
+    cfg, B, device = model.config, batch_size, torch.device(device)
+    real = device.type != "meta"
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device) if real else torch.empty(*shape, device=device)
+
+    ids = torch.randint(1000, 2000, (B, cfg.max_text_len), device=device) if real else None
+    batch = {
+        "video": rand(B, cfg.num_frames, 3, cfg.img_size, cfg.img_size),
+        "text_ids": ids if real else torch.empty(B, cfg.max_text_len, dtype=torch.long, device=device),
+        "text_mask": torch.ones(B, cfg.max_text_len, dtype=torch.bool, device=device),
+    }
+    if isinstance(model, VATT):
+        batch["audio"] = rand(B, cfg.max_audio_tokens * cfg.audio_patch)
+    return batch
+
+
+def model_stats(name: str) -> dict[str, Any]:
+    """Parameters and forward FLOPs of ``name`` at its configured input size, counted on the meta device.
+
+    FLOPs are per sample (batch 1), or at batch 2 where training needs two samples (VTM negatives,
+    BatchNorm), under the convention of :data:`fastvl.models.flops.CONVENTION`. Computed once per name.
+    """
+    return copy.deepcopy(_model_stats(name))
+
+
+@functools.cache
+def _model_stats(name: str) -> dict[str, Any]:
+    if name not in _MODELS:
+        raise ValueError(f"model_stats: unknown model {name!r}; available: {', '.join(_MODELS)}")
+    paper = _MODELS[name][2]
+    m = _meta_model(name)
+    cfg = m.config
+    out: dict[str, Any] = {"name": name, "family": type(m).__name__, "params": m.num_params(), "paper": paper}
+    if isinstance(m, AllInOne):
+        out["params_excl_mlm_decoder"] = m.num_params(exclude=("mlm_decoder",))
+        b = example_batch(m, 1)
+        m.eval()
+        out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px, {cfg.max_text_len} text tokens"
+        out["flops_fused"] = _flops.count(
+            lambda: m.fused(m.embed_text(b["text_ids"]), b["text_mask"], m.embed_video(b["video"]))
+        )
+        m.train()
+        b2 = example_batch(m, 2)
+        out["flops_train_batch2"] = _flops.count(lambda: m(b2))
+    elif isinstance(m, VATT):
+        bb = {}
+        for mod in ("video", "audio", "text"):
+            enc = m._backbone(mod)
+            tok = getattr(m, f"{mod}_tokenizer")
+            bb[mod] = sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in tok.proj.parameters())
+        out["backbone_params"] = bb  # encoder + patch embedding (text: the 300 -> C projection)
+        out["backbone_paper_size"] = _vatt_paper_sizes(name)
+        out["agnostic"] = cfg.agnostic
+        b = example_batch(m, 1)
+        out["inputs"] = (
+            f"video {cfg.num_frames}x{cfg.img_size}x{cfg.img_size}, audio {cfg.max_audio_tokens * cfg.audio_patch}"
+            f" samples, {cfg.max_text_len} words"
+        )
+        m.eval()
+        out["flops_drop"] = {
+            d: _flops.count(lambda d=d: m.backbones_forward(b, keep_rate=1 - d / 100)) for d in (0, 25, 50, 75)
+        }
+        m.train()
+        b2 = example_batch(m, 2)
+        out["flops_train_batch2"] = _flops.count(lambda: m(b2))
+        out["keep_rate"] = cfg.keep_rate
+    else:
+        b = example_batch(m, 1)
+        m.train()
+        out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px, {cfg.max_text_len} text tokens"
+        out["flops_masked"] = _flops.count(lambda: m(b))
+        m.config.video_mask_ratio = m.config.text_mask_ratio = 0.0
+        out["flops_unmasked"] = _flops.count(lambda: m(b))
+        out["params_video"] = sum(
+            p.numel() for n, p in m.named_parameters() if n.startswith(("patch_embed", "cls", "pos_", "video_"))
+        )
+        out["params_text"] = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("word_", "text_")))
+    return out
+
+
+def _vatt_paper_sizes(name: str) -> dict[str, str]:
+    if "-ma-" in name:
+        return {"video": "medium"} if name == "vatt-ma-medium" else {}
+    if name.endswith("tiny"):
+        return {}
+    code = name.split("-")[1]
+    return {mod: _LETTER[c] for mod, c in zip(("video", "audio", "text"), code)}
+
+
+def _g(x: float) -> str:
+    """GFLOPs with one decimal, or more digits for the tiny models."""
+    return f"{x / 1e9:.1f}" if x >= 1e9 else f"{x / 1e9:.4f}"
+
+
+def _pct(x: float, ref: float) -> str:
+    return f"{100 * (x / ref - 1):+.2f}%"
+
+
+def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
+    """Print parameters and forward FLOPs of model ``name`` beside the papers' figures; returns the numbers."""
+    f = file or sys.stdout
+    s = model_stats(name)
+    p = s["paper"]
+
+    def w(line=""):
+        print(line, file=f)
+
+    w(f"== model {name} ({s['family']}) ==")
+    w(f"  parameters        {s['params']:,}")
+    w(f"  FLOPs convention  {_flops.CONVENTION}; per sample at {s['inputs']}")
+    if s["family"] == "AllInOne":
+        pe = s["params_excl_mlm_decoder"]
+        extra = f"  (paper {p['params'] / 1e6:.0f}M: {_pct(pe, p['params'])})" if "params" in p else ""
+        w(f"  params excl. MLM decoder {pe:,}{extra}")
+        fl = s["flops_fused"]
+        w(
+            f"  fused pass (one video-text pair, encoder incl. embeddings, no heads): {_g(fl.total)} GFLOPs = "
+            f"{_g(fl.macs)} GMACs; linear layers only (thop's scope) {_g(fl.linear_macs)} GMACs"
+            + (f"; paper {p['gmacs_fused']} G (thop MACs)" if "gmacs_fused" in p else "")
+        )
+        t = s["flops_train_batch2"]
+        w(f"  training forward (MLM + VTM fused passes, 2 unimodal VTC passes) per sample: {_g(t.total / 2)} GFLOPs")
+    elif s["family"] == "VATT":
+        for mod, n in s["backbone_params"].items():
+            size = s["backbone_paper_size"].get(mod)
+            what = (
+                "shared backbone (encoder + video patch embedding)"
+                if s["agnostic"]
+                else f"{mod} backbone (encoder + patch embedding)"
+            )
+            ref = f"  (VATT-{size})" if size else ""
+            if mod == "video" and size:  # the paper's Table 1 sizes are the video backbones (3072-wide patches)
+                ref = f"  (paper {size} {VATT_PAPER_PARAMS[size] / 1e6:.1f}M: {_pct(n, VATT_PAPER_PARAMS[size])})"
+            w(f"  {what} {n:,}{ref}")
+            if s["agnostic"]:
+                break
+        paper = p.get("gflops_drop", {})
+        for d, fl in s["flops_drop"].items():
+            ref = f"  (paper {paper[d]})" if d in paper else ""
+            w(
+                f"  backbones forward, DropToken drop rate {d:>2}%: {_g(fl.total)} GFLOPs "
+                f"(linear layers only {_g(fl.linear)}){ref}"
+            )
+        t = s["flops_train_batch2"]
+        k = s["keep_rate"]
+        w(f"  training forward (keep_rate {k}, heads and losses included) per sample: {_g(t.total / 2)} GFLOPs")
+    else:
+        mk, um = s["flops_masked"], s["flops_unmasked"]
+        ref = f" (paper: {100 * p['flops_reduction']:.0f}% fewer)" if "flops_reduction" in p else ""
+        w(f"  video encoder params {s['params_video']:,}, text encoder params {s['params_text']:,}")
+        w(
+            f"  training forward with default masks: {_g(mk.total)} GFLOPs; unmasked: {_g(um.total)} GFLOPs; "
+            f"{100 * (1 - mk.total / um.total):.1f}% fewer{ref}"
+        )
+    return s

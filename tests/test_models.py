@@ -1,0 +1,574 @@
+"""Models: the op contract they rely on (fastvl/models/_ops.py), tiny-config behaviour, backend equality,
+sizes and FLOPs pinned against the papers, bad input. Full-size models are built on the meta device."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvl
+from fastvl import BackendError
+from fastvl.models import _ops, create_model, describe, example_batch, list_models, model_stats
+from fastvl.models.flops import count
+from fastvl.testing import kernel_backends, randn
+
+TINY = ["allinone-tiny", "vatt-tiny", "vatt-ma-tiny", "mac-tiny"]
+HAS_TRITON = bool(kernel_backends("triton"))
+
+
+def make_batch(model, B=3, seed=0, P=None):
+    """Real-valued batch at the model's input size with varied text padding (VATT: one sample without text)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    Lt = cfg.max_text_len - 2
+    ids = torch.randint(1000, 2000, (B, Lt), generator=g)
+    mask = torch.ones(B, Lt, dtype=torch.bool)
+    mask[1, Lt // 2 :] = False
+    ids[:, 0] = cfg.cls_id
+    ids[~mask] = cfg.pad_id
+    batch = {
+        "video": torch.randn(B, cfg.num_frames, 3, cfg.img_size, cfg.img_size, generator=g),
+        "text_ids": ids,
+        "text_mask": mask,
+    }
+    if hasattr(cfg, "audio_patch"):
+        batch["audio"] = torch.randn(B, (cfg.max_audio_tokens - 4) * cfg.audio_patch, generator=g)
+        batch["text_mask"][B - 1] = B < 3  # sample 2 has no text (MIL-NCE 'valid')
+        if P:
+            batch["text_ids_all"] = torch.randint(1000, 2000, (B, P, Lt), generator=g)
+            batch["text_mask_all"] = torch.rand(B, P, Lt, generator=g) < 0.8
+            batch["text_mask_all"][B - 1] = False
+    return batch
+
+
+def tiny(name, **kw):
+    torch.manual_seed(0)
+    return create_model(name, **kw)
+
+
+def noise_for(model, batch, seed=1):
+    """Fixed DropToken / masking draws for the models' noise hooks (identical on every backend)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    B, T = batch["video"].shape[:2]
+    if type(model).__name__ == "VATT":
+        Lv = (T // cfg.patch_t) * (cfg.img_size // cfg.patch_s) ** 2
+        return {"video": torch.rand(Lv, generator=g), "audio": torch.rand(batch["audio"].shape[1] // 128, generator=g)}
+    if type(model).__name__ == "MAC":
+        N = model.num_patches
+        return {"video": torch.rand(B * T, N, generator=g), "text": torch.rand(B, batch["text_ids"].shape[1] - 1)}
+    return None
+
+
+def run(model, batch, seed=5, noise=None):
+    torch.manual_seed(seed)
+    return model(batch, noise=noise) if noise is not None else model(batch)
+
+
+def losses_and_grads(model, batch, noise=None):
+    model.zero_grad(set_to_none=True)
+    out = run(model, batch, noise=noise)
+    out["loss"].backward()
+    return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b, rtol=1e-4, atol=1e-6, what=""):
+    # fp32 end to end; the two paths differ in summation order only (frame average, kernel vs torch)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+# ---- the op contract (_ops): these tests keep holding when the real ops are swapped in -------
+
+
+@pytest.mark.parametrize("T,text_len,steps", [(2, 5, 1), (3, 5, 1), (3, 0, 2), (4, 5, 5)])
+def test_roll_frame_offsets_match_temporal_token_roll(T, text_len, steps):
+    S, B = text_len + 17, 2
+    x = randn(B * T, S, 3, dtype=torch.float64, device="cpu")
+    y = x
+    for _ in range(steps):
+        y = fastvl.ops.temporal_token_roll(y, T, text_len=text_len)
+    off = _ops.roll_frame_offsets(S, text_len, steps=steps)
+    assert off.dtype == torch.int64 and off.shape == (S,)
+    f = 17 // 8
+    assert off[: text_len + 1].eq(0).all() and off[text_len + 1 : text_len + 1 + f].eq(-steps).all()
+    assert off[S - f :].eq(steps).all() and off[text_len + 1 + f : S - f].eq(0).all()
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                assert torch.equal(y[b * T + t, s], x[b * T + (t + int(off[s])) % T, s])
+
+
+def test_flash_attention_matches_sdpa_and_padded_rows():
+    N, Sq, Sk, H, D = 3, 5, 7, 2, 8
+    q, k, v = (randn(N, S, H, D, dtype=torch.float64, device="cpu").requires_grad_() for S in (Sq, Sk, Sk))
+    mask = torch.rand(N, Sk) < 0.3
+    mask[2] = True  # a fully padded row
+    out = _ops.flash_attention(q, k, v, key_padding_mask=mask, softmax_scale=0.3)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=~mask[:, None, None], scale=0.3
+    ).transpose(1, 2)
+    torch.testing.assert_close(out[:2], ref[:2])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # zeros, not NaN
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    causal = _ops.flash_attention(q, k, v, causal=True)
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=torch.ones(Sq, Sk).tril(Sk - Sq).bool()
+    ).transpose(1, 2)
+    torch.testing.assert_close(causal, ref)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])  # mod T=3: 3 rolls are the identity
+def test_flash_attention_roll_aware_equals_explicit_roll(steps):
+    """Roll-aware addressing == roll q, k, v (and the mask) `steps` times, attend, roll the output back."""
+    B, T, text_len, L, H, D = 2, 3, 4, 17, 2, 8
+    S, N = text_len + L, B * T
+    q, k, v = (randn(N, S, H, D, dtype=torch.float64, device="cpu").requires_grad_() for _ in range(3))
+    mask = torch.rand(N, S) < 0.2
+    mask[:, 0] = False
+
+    def roll(x, times):
+        shape = x.shape
+        y = x.reshape(N, S, -1)
+        for _ in range(times % T):
+            y = fastvl.ops.temporal_token_roll(y, T, text_len=text_len)
+        return y.reshape(shape)
+
+    off = _ops.roll_frame_offsets(S, text_len, steps=steps)
+    out = _ops.flash_attention(q, k, v, key_padding_mask=mask, frame_offsets=off, num_frames=T)
+    m_rolled = roll(mask[..., None].double(), steps)[..., 0] > 0.5
+    ref = roll(_ops.flash_attention(roll(q, steps), roll(k, steps), roll(v, steps), key_padding_mask=m_rolled), -steps)
+    torch.testing.assert_close(out, ref)
+    g = randn(N, S, H, D, dtype=torch.float64, device="cpu")
+    got = torch.autograd.grad(out, (q, k, v), g)
+    exp = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b)
+    # the roll matters: without offsets the result differs
+    assert not torch.allclose(out, _ops.flash_attention(q, k, v, key_padding_mask=mask))
+
+
+def test_layer_norm_and_module_contract():
+    x, r = randn(4, 6, 16, dtype=torch.float64, device="cpu"), randn(4, 6, 16, dtype=torch.float64, device="cpu")
+    w, b = randn(16, dtype=torch.float64, device="cpu"), randn(16, dtype=torch.float64, device="cpu")
+    y = _ops.layer_norm(x, w, b, 1e-6)
+    torch.testing.assert_close(y, F.layer_norm(x, (16,), w, b, 1e-6))
+    y, h = _ops.layer_norm(x, w, b, 1e-6, r)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, F.layer_norm(x + r, (16,), w, b, 1e-6))
+    ln = _ops.LayerNorm(16, eps=1e-6)
+    assert set(ln.state_dict()) == set(torch.nn.LayerNorm(16).state_dict())
+
+
+def test_attention_is_timm_attention():
+    torch.manual_seed(0)
+    attn = _ops.Attention(32, num_heads=4, qkv_bias=True).double()
+    assert set(attn.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    x = randn(2, 7, 32, dtype=torch.float64, device="cpu")
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    # timm's Attention.forward (non-fused path) with an additive key mask
+    qkv = attn.qkv(x).reshape(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    a = (q * attn.scale) @ k.transpose(-2, -1)
+    a = a.masked_fill(mask[:, None, None], float("-inf")).softmax(-1)
+    ref = attn.proj((a @ v).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(attn(x, key_padding_mask=mask), ref)
+
+
+def test_clip_and_mil_nce_losses():
+    B, P, D = 4, 3, 8
+    a = F.normalize(randn(B, D, dtype=torch.float64, device="cpu"), dim=-1)
+    b = F.normalize(randn(B, D, dtype=torch.float64, device="cpu"), dim=-1)
+    s = torch.tensor(7.0, dtype=torch.float64)
+    logits = s * a @ b.T
+    exp = -(torch.diag(logits.log_softmax(1)).mean() + torch.diag(logits.log_softmax(0)).mean()) / 2
+    torch.testing.assert_close(_ops.clip_loss(a, b, s).double(), exp, rtol=1e-5, atol=1e-6)
+
+    text = F.normalize(randn(B, P, D, dtype=torch.float64, device="cpu"), dim=-1).requires_grad_()
+    valid = torch.tensor([True, False, True, True])
+
+    def naive(valid):
+        total = 0.0
+        for i in range(B):
+            if not valid[i]:
+                continue
+            den = [s * a[i] @ text[j, p] for j in range(B) if valid[j] for p in range(P)]
+            den += [s * a[j] @ text[i, p] for j in range(B) for p in range(P)]
+            num = [s * a[i] @ text[i, p] for p in range(P)]
+            total = total + torch.logsumexp(torch.stack(den), 0) - torch.logsumexp(torch.stack(num), 0)
+        return total / int(valid.sum())
+
+    got = _ops.mil_nce_loss(a, text, s, valid)
+    torch.testing.assert_close(got.double(), naive(valid), rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert torch.equal(text.grad[1], torch.zeros_like(text.grad[1]))  # an invalid sample's texts get no gradient
+    all_valid = torch.ones(B, dtype=torch.bool)
+    torch.testing.assert_close(_ops.mil_nce_loss(a, text, s).double(), naive(all_valid), rtol=1e-5, atol=1e-6)
+    # P = 1 is plain NCE: logsumexp over row i and column i of the B x B logits, minus the positive
+    t1 = text[:, :1].detach()
+    L = s * a @ t1[:, 0].T
+    nce = torch.stack([torch.logsumexp(torch.cat([L[i], L[:, i]]), 0) - L[i, i] for i in range(B)]).mean()
+    torch.testing.assert_close(_ops.mil_nce_loss(a, t1, s).double(), nce, rtol=1e-5, atol=1e-6)
+
+
+# ---- tiny models ---------------------------------------------------------------------------
+
+EXPECTED_LOSSES = {
+    "AllInOne": {"mlm", "vtm", "vtc", "loss"},
+    "VATT": {"nce_va", "mil_nce_vt", "loss"},
+    "MAC": {"vtc_masked", "loss"},
+}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_losses_and_gradients(name):
+    m = tiny(name)
+    batch = make_batch(m)
+    out = run(m, batch)
+    assert set(out) == EXPECTED_LOSSES[type(m).__name__]
+    for k, v in out.items():
+        assert v.shape == () and torch.isfinite(v), k
+    parts = [v for k, v in out.items() if k != "loss"]
+    expect = sum(parts) / 2 if type(m).__name__ == "VATT" else sum(parts)
+    torch.testing.assert_close(out["loss"], expect)
+    out["loss"].backward()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert dead == [], f"parameters without gradient: {dead}"
+
+
+def test_vatt_mil_nce_positives():
+    m = tiny("vatt-tiny")
+    out = run(m, make_batch(m, P=2))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.text_to_vt.weight.grad.abs().sum() > 0
+
+
+def test_allinone_fused_rolling_equals_explicit():
+    m = tiny("allinone-tiny")
+    batch = make_batch(m)
+    fused = losses_and_grads(m, batch)
+    m.config.rolling = "explicit"
+    explicit = losses_and_grads(m, batch)
+    assert_same(fused[0], explicit[0], what="losses")
+    assert_same(fused[1], explicit[1], what="grads")
+    # the roll is not a no-op on this config (L = 17 video tokens, f = 2): the fused tokens change
+    with torch.no_grad():
+        args = (m.embed_text(batch["text_ids"]), batch["text_mask"], m.embed_video(batch["video"]))
+        y = {}
+        for mode in ("fused", "explicit", "none"):
+            m.config.rolling = mode
+            y[mode] = m.fused(*args)
+    torch.testing.assert_close(y["fused"], y["explicit"], rtol=1e-5, atol=1e-5)
+    assert (y["fused"] - y["none"]).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("name", ["allinone-tiny:explicit", "allinone-tiny:fused", *TINY[1:]])
+def test_backends_give_equal_losses_and_gradients(name):
+    """The same weights and random state under use_backend('triton') and 'reference': token ops run their
+    Triton kernels (interpreted on the CPU), ops without one fall back; drop/mask subsets are injected.
+    All-in-one runs the roll kernel when explicit, roll-aware attention when fused."""
+    name, _, rolling = name.partition(":")
+    m = tiny(name, rolling=rolling) if rolling else tiny(name)
+    batch = make_batch(m)
+    noise = noise_for(m, batch)
+    with fastvl.use_backend("reference"):
+        ref = losses_and_grads(m, batch, noise)
+    with fastvl.use_backend("triton"):
+        tri = losses_and_grads(m, batch, noise)
+    assert_same(ref[0], tri[0], what="losses")
+    assert_same(ref[1], tri[1], what="grads")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+def test_kernel_draws_without_noise():
+    """DropToken / masking drawn by the Triton kernels themselves (no injected noise): finite, trainable."""
+    for name in ("vatt-tiny", "mac-tiny"):
+        m = tiny(name)
+        with fastvl.use_backend("triton"):
+            out = run(m, make_batch(m))
+            out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+        patch = m.video_tokenizer.proj if name.startswith("vatt") else m.patch_embed
+        assert patch.weight.grad.abs().sum() > 0
+
+
+def test_vatt_droptoken_keeps_the_noise_subset():
+    m = tiny("vatt-tiny")
+    x, pos = torch.randn(2, 8, 64), torch.randn(8, 64)
+    noise = torch.rand(8)
+    kept = m._drop(x, pos, 0.5, noise)
+    ids = torch.argsort(noise)[:4]
+    torch.testing.assert_close(kept, (x + pos)[:, ids])
+    kept = m._drop(x, pos, 0.25, None)  # drawn by drop_tokens: 2 of 8 rows of x + pos, one subset for the batch
+    assert kept.shape == (2, 2, 64)
+    rows = [int(((x[0] + pos) - kept[0, j]).abs().sum(-1).argmin()) for j in range(2)]
+    torch.testing.assert_close(kept, (x + pos)[:, rows])
+
+
+def test_mac_text_masking_drops_real_tokens_only():
+    m = tiny("mac-tiny")
+    B, Lt = 3, 11
+    x = torch.arange(B * Lt, dtype=torch.float32).reshape(B, Lt, 1).expand(B, Lt, 4)
+    mask = torch.ones(B, Lt, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, 2:] = False
+    vis, keep = m.mask_text(x, mask, 0.3)
+    K = int(10 * 0.7)
+    assert vis.shape == (B, 1 + K, 4) and keep.shape == (B, 1 + K)
+    assert torch.equal(vis[:, 0], x[:, 0]) and keep[:, 0].all()  # the CLS stays
+    for i, n in enumerate((10, 5, 1)):  # real tokens after the CLS
+        assert int(keep[i].sum()) - 1 == int(n * 0.7)
+        kept_vals = vis[i, 1:][keep[i, 1:], 0]
+        real_vals = x[i, 1:][mask[i, 1:], 0]
+        assert set(kept_vals.tolist()) <= set(real_vals.tolist())  # never padding
+        assert len(set(kept_vals.tolist())) == len(kept_vals)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_deterministic_and_state_dict_round_trip(name):
+    m = tiny(name)
+    batch = make_batch(m)
+    a, b = run(m, batch), run(m, batch)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    torch.manual_seed(123)
+    m2 = create_model(name)
+    assert not torch.equal(run(m2, batch)["loss"], a["loss"])
+    buf.seek(0)
+    m2.load_state_dict(torch.load(buf))
+    c = run(m2, batch)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_encoders_give_unit_embeddings(name):
+    m = tiny(name).eval()
+    batch = make_batch(m)
+    with torch.no_grad():
+        v = m.encode_video(batch["video"])
+        t = m.encode_text(batch["text_ids"], batch["text_mask"])
+    assert v.shape == t.shape and v.shape[0] == 3
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
+
+
+def test_backend_argument_reaches_the_ops():
+    m = tiny("allinone-tiny", rolling="explicit", backend="cuda")  # explicit: never falls back
+    with pytest.raises(BackendError, match="cuda"):
+        run(m, make_batch(m))
+    m.set_backend("reference")
+    assert all(mod.backend == "reference" for mod in m.modules() if hasattr(mod, "backend"))
+    assert torch.isfinite(run(m, make_batch(m))["loss"])
+
+
+# ---- sizes and FLOPs (meta device), pinned ------------------------------------------------
+
+PARAMS = {  # exact counts; All-in-one excluding the MLM decoder, VATT video backbone = encoder + patch embedding
+    "allinone-ti": (17_556_924, 11_666_178, 12e6),
+    "allinone-s": (45_846_588, 34_095_618, 33e6),
+    "allinone-b": (134_718_780, 111_247_362, 110e6),
+}
+TOTAL_PARAMS = {
+    "vatt-bbs": 203_076_088,
+    "vatt-mbs": 270_104_568,
+    "vatt-lbs": 421_259_256,
+    "vatt-ma-medium": 172_148_216,
+    "mac-b": 152_191_233,
+}
+VATT_VIDEO_BACKBONE = {"vatt-bbs": (87_416_064, 87.9e6), "vatt-mbs": (154_303_488, 155.0e6)}
+VATT_VIDEO_BACKBONE["vatt-lbs"] = (305_458_176, 306.1e6)
+VATT_VIDEO_BACKBONE["vatt-ma-medium"] = (154_303_488, 155.0e6)
+
+
+def _meta(name, **kw):
+    with torch.device("meta"):
+        return create_model(name, **kw)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_allinone_params(name):
+    total, excl, paper = PARAMS[name]
+    m = _meta(name)
+    assert m.num_params() == total
+    assert m.num_params(exclude=("mlm_decoder",)) == excl
+    assert abs(excl / paper - 1) < 0.05
+
+
+@pytest.mark.parametrize("name", list(VATT_VIDEO_BACKBONE))
+def test_vatt_backbone_params(name):
+    n, paper = VATT_VIDEO_BACKBONE[name]
+    m = _meta(name)
+    enc = m.backbone if m.config.agnostic else m.backbones["video"]
+    got = sum(p.numel() for p in enc.parameters()) + sum(p.numel() for p in m.video_tokenizer.proj.parameters())
+    assert got == n
+    assert abs(got / paper - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", list(TOTAL_PARAMS))
+def test_total_params(name):
+    assert _meta(name).num_params() == TOTAL_PARAMS[name]
+
+
+def _encoder_macs(depth, L, C, n=1):
+    return n * depth * (L * 12 * C * C + 2 * L * L * C)  # qkv + proj + MLP per token, q k^T and p v per sequence
+
+
+def test_allinone_b_flops():
+    s = model_stats("allinone-b")
+    T, S, C, N = 3, 40 + 197, 768, 196
+    macs = _encoder_macs(12, S, C, T) + T * N * 3 * 16 * 16 * C
+    assert s["flops_fused"].total == 2 * macs == 127_682_555_904  # paper: 58.7 G thop MACs
+    assert s["flops_fused"].linear == 121_470_713_856  # thop's scope: 60.7 GMACs
+    # training forward, batch 2: MLM and VTM fused passes, unimodal text and video passes, heads, VTC logits
+    V, Lt = 30522, 40
+    per_sample = (
+        2 * _encoder_macs(12, S, C, T) + T * N * 768 * C + _encoder_macs(12, Lt, C) + _encoder_macs(12, 197, C, T)
+    )
+    per_sample += Lt * (C * C + C * V) + C * C + 2 * C + 2 * C * 512
+    assert s["flops_train_batch2"].total == 2 * (2 * per_sample + 2 * 2 * 512) == 736_270_354_432
+
+
+def test_vatt_mbs_droptoken_flops():
+    s = describe("vatt-mbs", file=io.StringIO())
+    assert s["backbone_params"]["video"] == VATT_VIDEO_BACKBONE["vatt-mbs"][0]
+    pinned = {0: 862_759_452_672, 25: 617_263_398_912, 50: 393_508_651_008, 75: 191_495_208_960}
+    for d, keep in ((0, 1.0), (25, 0.75), (50, 0.5), (75, 0.25)):
+        Lv, La = int(keep * 1568) + 1, int(keep * 1200) + 1
+        macs = _encoder_macs(12, Lv, 1024) + 1568 * 3072 * 1024  # video Medium, patches embedded before dropping
+        macs += _encoder_macs(12, La, 768) + 1200 * 128 * 768  # audio Base
+        macs += _encoder_macs(6, 17, 512) + 16 * 300 * 512  # text Small (16 words + AGG)
+        assert s["flops_drop"][d].total == 2 * macs == pinned[d], d  # paper: 784.8 / 574.2 / 375.4 / 188.1
+
+
+def test_mac_b_masked_flops():
+    s = model_stats("mac-b")
+    assert s["flops_masked"].total == 37_698_023_936
+    assert s["flops_unmasked"].total == 159_726_342_656
+    K, Lt = 196 // 4, 1 + int(31 * 0.7)
+    macs = _encoder_macs(12, 4 * K + 1, 768) + 4 * 196 * 768 * 768 + _encoder_macs(6, Lt, 768) + 2 * 768 * 256 + 256
+    assert s["flops_masked"].total == 2 * macs
+    assert 1 - s["flops_masked"].total / s["flops_unmasked"].total == pytest.approx(0.764, abs=1e-3)  # paper: 0.60
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
+def test_flops_do_not_depend_on_the_backend():
+    """Fused ops must register FLOP formulas: the count under Triton dispatch equals the reference's."""
+    for name in ("vatt-tiny", "mac-tiny"):  # attention, LayerNorm, both losses, DropToken and masking
+        m = tiny(name)
+        b = make_batch(m)
+        noise = noise_for(m, b)
+        n = {}
+        for backend in ("reference", "triton"):
+            with fastvl.use_backend(backend):
+                n[backend] = count(lambda m=m, b=b, noise=noise: run(m, b, noise=noise)["loss"].backward()).total
+        assert n["triton"] == n["reference"] > 0
+
+
+def test_describe_and_cli(capsys):
+    out = io.StringIO()
+    describe("mac-b", file=out)
+    assert "76.4% fewer (paper: 60% fewer)" in out.getvalue()
+    from fastvl.cli import main
+
+    assert main(["info", "--model", "allinone-b"]) == 0
+    text = capsys.readouterr().out
+    assert "params excl. MLM decoder 111,247,362  (paper 110M: +1.13%)" in text
+    assert "paper 58.7 G (thop MACs)" in text
+
+
+# ---- registry and bad input ------------------------------------------------------------------
+
+
+def test_registry():
+    assert {"allinone-ti", "allinone-s", "allinone-b", "vatt-bbs", "vatt-mbs", "vatt-lbs", "vatt-ma-medium"} <= set(
+        list_models()
+    )
+    assert {"mac-b", "allinone-tiny", "vatt-tiny", "vatt-ma-tiny", "mac-tiny"} <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model 'vatt-xl'"):
+        create_model("vatt-xl")
+    with pytest.raises(TypeError, match="unknown config field"):
+        create_model("mac-tiny", mask_ratio=0.5)
+    m = create_model("allinone-tiny", vocab_size=1000, mask_id=3)
+    assert m.word_embeddings.num_embeddings == 1000 and m.config.mask_id == 3
+
+
+def _bad(name, mutate, exc, match):
+    m = tiny(name)
+    batch = make_batch(m, B=2)
+    mutate(batch, m.config)
+    with pytest.raises(exc, match=match):
+        m(batch)
+
+
+@pytest.mark.parametrize(
+    "name,mutate,exc,match",
+    [
+        ("allinone-tiny", lambda b, c: b.pop("video"), ValueError, "no 'video'"),
+        ("allinone-tiny", lambda b, c: b.update(video=b["video"][:, :2]), ValueError, r"'video'.*2 frames"),
+        ("allinone-tiny", lambda b, c: b.update(video=b["video"][..., :30, :30]), ValueError, "not divisible"),
+        ("allinone-tiny", lambda b, c: b.update(video=b["video"][..., :24, :24]), ValueError, "position table"),
+        ("allinone-tiny", lambda b, c: b.update(video=b["video"][:, :, 0]), ValueError, r"'video'.*5-D"),
+        (
+            "allinone-tiny",
+            lambda b, c: b.update(text_ids=torch.ones(2, 13, dtype=torch.long), text_mask=torch.ones(2, 13).bool()),
+            ValueError,
+            r"'text_ids'.*longer than the text position table \(12\)",
+        ),
+        ("allinone-tiny", lambda b, c: b.update(text_ids=b["text_ids"].float()), TypeError, "'text_ids'.*dtype"),
+        ("allinone-tiny", lambda b, c: b.update(text_mask=b["text_mask"].long()), TypeError, "'text_mask'.*dtype"),
+        ("allinone-tiny", lambda b, c: b.update(text_ids=b["text_ids"] + 40000), ValueError, "vocabulary"),
+        ("allinone-tiny", lambda b, c: b.update({k: v[:1] for k, v in b.items()}), ValueError, "batch size 1"),
+        ("vatt-tiny", lambda b, c: b.pop("audio"), ValueError, "no 'audio'"),
+        ("vatt-tiny", lambda b, c: b.update(audio=b["audio"][:, :100]), ValueError, r"'audio'.*multiple of"),
+        ("vatt-tiny", lambda b, c: b.update(audio=torch.randn(2, 17 * 128)), ValueError, r"'audio'.*position table"),
+        ("vatt-tiny", lambda b, c: b.update(video=b["video"][:, :6]), ValueError, r"'video'.*6 frames"),
+        ("vatt-tiny", lambda b, c: b.update(video=torch.randn(2, 8, 3, 48, 48)), ValueError, "position table"),
+        ("vatt-tiny", lambda b, c: b.pop("text_mask"), ValueError, "no 'text_mask'"),
+        ("mac-tiny", lambda b, c: b.update(video=b["video"][:, :3]), ValueError, r"'video'.*3 frames"),
+        ("mac-tiny", lambda b, c: b.update(video=b["video"][..., :28, :28]), ValueError, "not divisible"),
+    ],
+)
+def test_bad_input(name, mutate, exc, match):
+    _bad(name, mutate, exc, match)
+
+
+def test_bad_batch_type():
+    m = tiny("mac-tiny")
+    with pytest.raises(TypeError, match="dict"):
+        m([1, 2])
+
+
+# ---- GPU (bf16, realistic shapes) ------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,batch_size", [("allinone-b", 8), ("vatt-mbs", 2), ("mac-b", 16)])
+def test_gpu_bf16_fused_matches_reference(name, batch_size):
+    torch.manual_seed(0)
+    m = create_model(name).cuda()
+    batch = example_batch(m, batch_size, device="cuda")
+    noise = None
+    if name.startswith("vatt"):
+        noise = {"video": torch.rand(1568, device="cuda"), "audio": torch.rand(1200, device="cuda")}
+    elif name.startswith("mac"):
+        noise = {
+            "video": torch.rand(batch_size * 4, 196, device="cuda"),
+            "text": torch.rand(batch_size, 31, device="cuda"),
+        }
+    out = {}
+    for backend in ("reference", None):
+        with torch.autocast("cuda", dtype=torch.bfloat16), fastvl.use_backend(backend or "auto"):
+            torch.manual_seed(1)
+            loss = (m(batch, noise=noise) if noise else m(batch))["loss"]
+        loss.backward()
+        out[backend] = (loss.detach().float(), m.patch_embed.weight.grad.clone() if hasattr(m, "patch_embed") else None)
+        m.zero_grad(set_to_none=True)
+    assert math.isfinite(out[None][0].item())
+    torch.testing.assert_close(out[None][0], out["reference"][0], rtol=2e-2, atol=2e-2)
