@@ -130,6 +130,26 @@ def test_start_end_window(written, tmp_path):
     assert np.corrcoef(item["audio"].numpy(), raw["audio"][2000:6000])[0, 1] > 0.85  # audio from the window start
 
 
+@pytest.mark.parametrize("gop", [4, None])
+def test_long_video_seeks_to_the_sampled_times(tmp_path, gop):
+    """20 s at 2 fps, each frame a flat grey level = its index: sampled frames are found by seeking (targets
+    5 s apart) whether keyframes are dense (every 4 frames) or only at the start."""
+    n = 40
+    frames = np.repeat((np.arange(n) * 6).astype(np.uint8), 16 * 16 * 3).reshape(n, 16, 16, 3)
+    path = tmp_path / "long.mp4"
+    encode_mp4(str(path), frames, 2.0, gop=gop)
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"video": path.name, "caption": "grey"}) + "\n")
+    m.write_text(m.read_text() + json.dumps({"video": path.name, "caption": "grey", "start": 3.2, "end": 15.0}) + "\n")
+    ds = VideoDataset(m, num_frames=4, size=16)
+
+    def indices(item):
+        return (denormalize(item["video"]).mean(dim=(1, 2, 3)) * 255 / 6).round().long().tolist()
+
+    assert indices(ds[0]) == [5, 15, 25, 35]  # segment middles 2.5, 7.5, 12.5, 17.5 s
+    assert indices(ds[1]) == [9, 15, 21, 27]  # 4.675, 7.625, 10.575, 13.525 s at 2 fps
+
+
 def test_resize_and_crop(tmp_path):
     H, W = 32, 48
     cols = np.linspace(0, 255, W).astype(np.uint8)
@@ -212,7 +232,7 @@ def test_bad_videos_are_skipped_and_counted(written, tmp_path):
         assert reason in text
     with warnings.catch_warnings():
         warnings.simplefilter("error", SkippedVideoWarning)  # row 5 is new: it must warn
-        with pytest.raises(SkippedVideoWarning, match="too short: 1 frame"):
+        with pytest.raises(SkippedVideoWarning, match=r"too short: the window \[0.000, 0.100\) s holds 0.8 frame"):
             ds[5]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedVideoWarning)

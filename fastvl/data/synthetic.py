@@ -9,8 +9,10 @@ The motion needs more than one frame: positions live on a torus (shapes wrap aro
 uniform at every frame whatever the direction (a single frame's position says nothing about the motion), and
 radii are drawn at the middle of the clip from the same log-uniform range for every motion. Bounded sizes
 leak a little at the clip's ends: the best size threshold on the first or last frame tells "grow" from
-"shrink" about 72% of the time (50% is chance), the middle frame 50%. ``label`` identifies the (colour, shape, motion) combination, so retrieval
-can treat clips with identical captions as equivalent.
+"shrink" about 72% of the time (50% is chance), the middle frame 50%.
+
+``label`` identifies the (colour, shape, motion) combination, so retrieval can treat clips with identical
+captions as equivalent.
 """
 
 from __future__ import annotations

@@ -201,7 +201,6 @@ def decode_clip(
         if not container.streams.video:
             raise ClipError("no video stream")
         vs = container.streams.video[0]
-        vs.thread_type = "AUTO"
         t0 = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
         duration = _stream_duration(container, vs)
         rate = float(vs.average_rate or vs.guessed_rate or 0) or None
@@ -215,31 +214,16 @@ def decode_clip(
         e = duration if end is None else min(end, duration)
         if e - s <= 0:
             raise ClipError(f"too short: window [{s:.3f}, {e:.3f}) s is empty (video lasts {duration:.3f} s)")
+        if rate is not None and (e - s) * rate < min_frames - 0.5:
+            raise ClipError(
+                f"too short: the window [{s:.3f}, {e:.3f}) s holds {(e - s) * rate:.1f} frame(s) at "
+                f"{rate:.3g} fps, need {min_frames}"
+            )
         targets = sample_times(s, e, num_frames, train, rng)
-        if s > 0:
-            container.seek(int((s + t0) / vs.time_base), stream=vs, backward=True, any_frame=False)
-        eps = 1e-6
-        chosen: list = [None] * num_frames
-        prev = None
-        k = 0
-        in_window = 0
-        for i, frame in enumerate(container.decode(vs)):
-            ft = (frame.time if frame.time is not None else i / (rate or 1.0)) - t0
-            if ft >= e - eps:
-                break
-            if ft >= s - (1.0 / rate if rate else 0.0) + eps:
-                in_window += 1
-            while k < num_frames and targets[k] < ft - eps:
-                chosen[k] = prev if prev is not None else frame
-                k += 1
-            prev = frame
-        if prev is None:
+        chosen = _frames_at(container, vs, targets, t0, rate)
+        if chosen is None:
             raise ClipError(f"too short: no frame decoded in the window [{s:.3f}, {e:.3f}) s")
-        if in_window < min_frames:
-            raise ClipError(f"too short: {in_window} frame(s) in the window [{s:.3f}, {e:.3f}) s, need {min_frames}")
-        while k < num_frames:
-            chosen[k] = prev
-            k += 1
+        prev = chosen[-1]
         h, w = short_side_size(prev.height, prev.width, size)
         frames = np.stack(
             [f.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA") for f in chosen]
@@ -257,6 +241,44 @@ def decode_clip(
         if train:
             a0 += float(rng.uniform(0, max(0.0, (e - s) - audio_samples / audio_rate)))
         return frames, _decode_audio(av, container, a0, audio_rate, audio_samples), True
+
+
+SEEK_GAP_S = 2.0  # seek (to the keyframe before) instead of decoding through gaps longer than this
+
+
+def _frames_at(container, vs, targets: np.ndarray, t0: float, rate: float | None) -> list | None:
+    """The frame on screen at each (increasing) time in ``targets``: the last frame starting at or before it
+    (the first decoded frame if none does). Decodes forward, seeking over long gaps. None if nothing decodes."""
+    eps = 1e-6
+    chosen: list = []
+    it = None
+    prev = nxt = None
+    pos = -np.inf  # time of prev
+    count = 0
+    for target in targets:
+        if it is None or target - max(pos, 0.0) > SEEK_GAP_S:
+            if it is not None or target > SEEK_GAP_S / 2:
+                container.seek(int((target + t0) / vs.time_base), stream=vs, backward=True, any_frame=False)
+            it = container.decode(vs)
+            prev = nxt = None
+            pos = -np.inf
+        while True:
+            if nxt is None:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                count += 1
+            ft = (nxt.time if nxt.time is not None else count / (rate or 1.0)) - t0
+            if ft > target + eps:
+                break
+            prev, pos, nxt = nxt, ft, None
+        pick = prev if prev is not None else nxt
+        if pick is None:
+            pick = chosen[-1] if chosen else None
+            if pick is None:
+                return None
+        chosen.append(pick)
+    return chosen
 
 
 def _decode_audio(av, container, a0: float, rate: int, n: int) -> np.ndarray:
@@ -527,10 +549,11 @@ def encode_mp4(
     audio_rate: int | None = None,
     *,
     crf: int = 10,
+    gop: int | None = None,
 ) -> dict[str, str | None]:
     """Write uint8 frames (T, H, W, 3) (H, W even) and optional mono float32 audio in [-1, 1] as an mp4
     (H.264 yuv420p via libx264, else mpeg4; AAC audio when an encoder exists) to a path or binary file.
-    Returns the codecs used: ``{"video": ..., "audio": ... or None}``."""
+    ``gop`` sets the keyframe interval (frames). Returns the codecs used: ``{"video": ..., "audio": ... or None}``."""
     av = require_av()
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"encode_mp4: 'frames' must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -545,6 +568,8 @@ def encode_mp4(
     with av.open(target, "w", format="mp4") as c:
         vs = c.add_stream(vcodec, rate=rate)
         vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
+        if gop is not None:
+            vs.gop_size = int(gop)
         vs.options = {"crf": str(crf), "preset": "veryfast"} if vcodec in ("libx264", "h264") else {"qscale": "2"}
         ast = None
         if acodec is not None:
