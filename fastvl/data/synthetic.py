@@ -306,32 +306,45 @@ def _audio(c: SyntheticConfig, p: dict, rng: np.random.Generator) -> np.ndarray:
     """Pitch from (colour, shape) on a semitone grid, timbre from shape; left/right sweep down/up,
     up/down pulse fast/slow, grow/shrink fade in/out."""
     sr, n = c.audio_rate, c.audio_samples
-    t = np.arange(n, dtype=np.float64) / sr
-    prog = t / (n / sr)  # 0 .. 1 over the track
+    f32 = np.float32
+    t = np.arange(n, dtype=f32) / f32(sr)
+    prog = np.arange(n, dtype=f32) / f32(n)  # 0 .. 1 over the track
     semitone = COLORS_INDEX[p["color"]] * len(SHAPES) + SHAPES.index(p["shape"])
     f0 = 196.0 * 2 ** (semitone / 12 * 0.75) * rng.uniform(0.985, 1.015)
     motion = p["motion"]
-    freq = np.full(n, f0)
-    env = np.ones(n)
-    if motion == "left":
-        freq = f0 * 2 ** (-0.7 * prog)
-    elif motion == "right":
-        freq = f0 * 2 ** (0.7 * prog)
-    elif motion in ("up", "down"):
-        rate = 8.0 if motion == "up" else 2.5
-        env = (0.5 - 0.5 * np.cos(2 * math.pi * rate * t + rng.uniform(0, 2 * math.pi))) ** 2
-    elif motion == "grow":
-        env = 0.1 + 0.9 * prog
-    elif motion == "shrink":
-        env = 1.0 - 0.9 * prog
-    phase = 2 * math.pi * np.cumsum(freq) / sr + rng.uniform(0, 2 * math.pi)
-    wave = np.zeros(n)
+    env = None
+    if motion in ("left", "right"):
+        freq = f0 * np.exp2((-0.7 if motion == "left" else 0.7) * prog.astype(np.float64))
+        phase = np.cumsum(freq) * (2 * math.pi / sr)  # float64: the running sum needs the precision
+        fmax = float(freq.max())
+    else:
+        phase = np.arange(n, dtype=np.float64) * (2 * math.pi * f0 / sr)
+        fmax = f0
+        if motion in ("up", "down"):
+            rate = 8.0 if motion == "up" else 2.5
+            env = np.square(
+                f32(0.5) - f32(0.5) * np.cos(f32(2 * math.pi * rate) * t + f32(rng.uniform(0, 2 * math.pi)))
+            )
+        elif motion == "grow":
+            env = f32(0.1) + f32(0.9) * prog
+        else:
+            env = f32(1.0) - f32(0.9) * prog
+    x = np.mod(phase + rng.uniform(0, 2 * math.pi), 2 * math.pi).astype(f32)
+    # harmonics by the recurrence sin((h+1)x) = 2 cos(x) sin(hx) - sin((h-1)x): one sin and one cos in all
+    two_cos = 2 * np.cos(x)
+    s_prev, s_h = np.zeros_like(x), np.sin(x)
+    wave = np.zeros_like(x)
     for h, a in enumerate(_TIMBRE[p["shape"]], start=1):
-        if a and h * freq.max() < 0.45 * sr:
-            wave += a * np.sin(h * phase)
-    wave *= 0.7 / max(float(np.abs(wave).max()), 1e-6)
-    wave = wave * env * rng.uniform(0.7, 1.0) + rng.normal(0, 0.01, size=n)
-    return np.clip(wave, -1, 1).astype(np.float32)
+        if h * fmax >= 0.45 * sr:
+            break
+        if a:
+            wave += f32(a) * s_h
+        s_prev, s_h = s_h, two_cos * s_h - s_prev
+    wave *= f32(0.7 * rng.uniform(0.7, 1.0) / max(float(np.abs(wave).max()), 1e-6))
+    if env is not None:
+        wave *= env
+    wave += rng.standard_normal(n, dtype=f32) * f32(0.01)
+    return np.clip(wave, -1, 1, out=wave)
 
 
 COLORS_INDEX = {name: i for i, name in enumerate(COLORS)}
