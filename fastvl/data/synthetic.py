@@ -241,18 +241,18 @@ class SyntheticVideoText(torch.utils.data.Dataset):
         bg += rng.normal(0, 0.03, size=(S, S)).astype(f32)
         tint = (1.0 + rng.uniform(-0.2, 0.2, size=3)).astype(f32)
         bg = np.clip(bg[..., None] * tint, 0, 1)  # (S, S, 3)
-        # shape: signed distance on the torus, one-pixel anti-aliased edge
-        cx = p["x"].astype(f32)[:, None, None]
-        cy = p["y"].astype(f32)[:, None, None]
-        r = p["r"].astype(f32)[:, None, None]
+        # shape: signed distance on the torus (offsets per row / column, broadcast), one-pixel anti-aliased edge
         half = f32(S / 2)
-        dx = np.mod(xx[None] + 0.5 - cx + half, S) - half
-        dy = np.mod(yy[None] + 0.5 - cy + half, S) - half
-        sdf = _sdf(p["shape"], dx, dy, r)
-        alpha = np.clip(0.5 - sdf, 0, 1)[..., None]  # (T, S, S, 1)
+        grid = np.arange(S, dtype=f32) + f32(0.5)
+        dx = np.mod(grid[None, None, :] - p["x"].astype(f32)[:, None, None] + half, f32(S)) - half  # (T, 1, S)
+        dy = np.mod(grid[None, :, None] - p["y"].astype(f32)[:, None, None] + half, f32(S)) - half  # (T, S, 1)
+        sdf = _sdf(p["shape"], dx, dy, p["r"].astype(f32)[:, None, None])
+        alpha = np.clip(f32(0.5) - sdf, 0, 1)[..., None]  # (T, S, S, 1)
         color = np.clip(np.array(COLORS[p["color"]], dtype=f32) + rng.uniform(-0.05, 0.05, size=3).astype(f32), 0, 1)
-        frames = bg[None] * (1 - alpha) + color * alpha
-        frames = (frames * 255 + 0.5).astype(np.uint8)
+        bg *= f32(255)
+        frames = bg + alpha * (color * f32(255) - bg)
+        frames += f32(0.5)
+        frames = frames.astype(np.uint8)
         audio = _audio(c, p, rng) if c.audio else None
         return {
             "frames": frames,
