@@ -57,6 +57,17 @@ def test_synthetic_item_contract():
         ds[10]
 
 
+def test_cached_items_equal_generated_ones():
+    plain = SyntheticVideoText("val", num_clips=5, size=16, audio=True, paraphrases=2)
+    cached = open_dataset("synthetic", "val", num_clips=5, size=16, audio=True, paraphrases=2, cache=True)
+    for _ in range(2):
+        for i in (4, 0, 4):
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys() and a["captions"] == b["captions"] and a["label"] == b["label"]
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+    assert sorted(cached._cache) == [0, 4]
+
+
 def test_captions_name_colour_shape_motion():
     assert caption("red", "triangle", "left") == "a red triangle moves to the left"
     assert caption("orange", "square", "grow") == "an orange square grows"

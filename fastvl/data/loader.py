@@ -66,7 +66,8 @@ def open_dataset(
 
     - ``"synthetic"``: :class:`~fastvl.data.synthetic.SyntheticVideoText` with ``num_clips`` (default 1024 train /
       256 val) clips of ``num_frames`` frames spanning ``audio_seconds`` (1 s) at ``size`` px; extra ``kwargs`` go
-      to :class:`~fastvl.data.synthetic.SyntheticConfig` (``colors``, ``shapes``, ``motions``, ``fps``).
+      to :class:`~fastvl.data.synthetic.SyntheticConfig` (``colors``, ``shapes``, ``motions``, ``fps``), except
+      ``cache=True`` (keep generated items in memory).
     - a ``.csv`` / ``.jsonl`` manifest: :class:`~fastvl.data.video.VideoDataset` (rows whose ``split`` matches;
       all rows when the manifest has no ``split`` column).
     - shards (``*.tar``, brace pattern): :class:`~fastvl.data.shards.ShardDataset` for this ``rank`` of
@@ -82,6 +83,7 @@ def open_dataset(
     split = SPLIT_ALIASES[split]
     train = (split == "train") if train is None else bool(train)
     if kind == "synthetic":
+        cache = bool(kwargs.pop("cache", False))
         cfg = SyntheticConfig(
             num_clips=num_clips or SYNTHETIC_SIZES[split],
             frames=num_frames,
@@ -93,7 +95,7 @@ def open_dataset(
             paraphrases=paraphrases,
             **kwargs,
         )
-        return SyntheticVideoText(split, seed=seed, config=cfg)
+        return SyntheticVideoText(split, seed=seed, config=cfg, cache=cache)
     common = dict(
         split=split,
         num_frames=num_frames,
