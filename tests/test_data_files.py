@@ -490,3 +490,18 @@ def test_decode_from_memory(written):
         audio_samples=100,
     )
     assert frames.shape == (2, 16, 16, 3) and frames.dtype == np.uint8 and audio.shape == (100,) and has_audio
+
+
+def test_uneven_shards_keep_ranks_in_step(shard_set, tok, tmp_path):
+    """13 samples in 7 shards (the last holds 1), 2 ranks x 2 workers: both ranks run the same number of
+    batches (DDP lockstep), read disjoint shards, and each batch count matches what the loader announces."""
+    gen = SyntheticVideoText("train", num_clips=13, frames=2, size=16, fps=2.0, motions=("left",))
+    paths = write_shards(gen, str(tmp_path / "{00..09}.tar"), 2)
+    assert len(paths) == 7
+    spec = compact_pattern(paths)
+    for epoch in (0, 1):
+        runs = [_epoch(spec, rank=r, world=2, workers=2, tok=tok, epoch=epoch) for r in range(2)]
+        (b0, n0), (b1, n1) = runs
+        assert n0 == n1 == len(b0) == len(b1) > 0
+        seen = [set(sum(b, [])) for b in (b0, b1)]
+        assert not seen[0] & seen[1]

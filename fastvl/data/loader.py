@@ -216,17 +216,16 @@ class Loader:
         self.set_epoch(state["epoch"])
         self.batch = self._start = int(state["batch"])
 
-    def _worker_batches(self) -> list[int]:
-        """Batches each DataLoader worker of an iterable dataset yields per epoch."""
+    def _worker_batches(self, rank: int | None = None) -> list[int]:
+        """Batches each DataLoader worker of an iterable dataset yields per epoch (on ``rank``)."""
         nw = max(1, self._dl_kwargs.get("num_workers", 0))
-        out = []
-        for w in range(nw):
-            q = self.dataset.worker_quota(w, nw)
-            out.append(q // self.batch_size if self.drop_last else math.ceil(q / self.batch_size))
-        return out
+        quotas = self.dataset.quotas(nw, rank)
+        return [q // self.batch_size if self.drop_last else math.ceil(q / self.batch_size) for q in quotas]
 
     def __len__(self) -> int:
         if self.iterable:
+            if self.drop_last:  # every rank stops at the same count, or DDP ranks would fall out of step
+                return min(sum(self._worker_batches(r)) for r in range(self.dataset.world_size))
             return sum(self._worker_batches())
         n = len(self.sampler) + self.sampler.start
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -262,8 +261,11 @@ class Loader:
             **self._dl_kwargs,
         )
         self.batch = start
+        stop = len(self)
         try:
             for batch in dl:
+                if self.batch >= stop:
+                    break
                 self.batch += 1
                 yield batch
         finally:

@@ -261,6 +261,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
         epoch: int = 0,
         min_frames: int | None = None,
+        equalize: bool | None = None,
     ):
         require_av()
         self.spec = urls if isinstance(urls, str) else "::".join(urls)
@@ -283,9 +284,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.buffer = max(1, int(buffer))
         self.rank, self.world_size = rank, world_size
         self.min_frames = min_frames
-        splits = [scan_shard(u) for u in self.urls]
-        self.counts = [len(s) for s in splits]  # samples per shard (all splits)
-        self.total = sum(1 for s in splits for v in s if self._keep(v))  # samples of the requested split
+        self.equalize = self.train if equalize is None else bool(equalize)
+        self._kept = [[self._keep(v) for v in scan_shard(u)] for u in self.urls]  # per sample: in the split?
+        self.counts = [len(k) for k in self._kept]  # samples per shard (all splits)
+        self.total = sum(sum(k) for k in self._kept)  # samples of the requested split
         if self.total == 0:
             raise ValueError(
                 f"ShardDataset: the shards of {self.spec!r} hold no samples"
@@ -294,13 +296,68 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._skip: list[int] | None = None
         self._counts = torch.zeros(2, 256, dtype=torch.int64).share_memory_()
 
-    # rank quota: every rank yields the same number of samples
     def __len__(self) -> int:
-        return self.total // self.world_size if self.world_size > 1 else self.total
+        """Samples this rank yields per epoch: ``total // world_size`` when equalising (training), else the
+        samples of its own shards."""
+        if self.equalize:
+            return self.total // self.world_size
+        return self._available(1)[self._reader(self.rank, 0, 1)]
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        return order
+
+    def _reader(self, rank: int, worker: int, num_workers: int) -> int:
+        # workers of one rank are spread across the shard list, so ranks get nearly equal shard counts
+        return worker * self.world_size + rank
+
+    def _available(self, num_workers: int) -> list[int]:
+        """Samples of the split each reader (rank, worker) holds this epoch, indexed by :meth:`_reader`."""
+        readers = self.world_size * num_workers
+        avail = [0] * readers
+        order = self._order()
+        if len(order) >= readers:  # whole shards per reader
+            for i, s in enumerate(order):
+                avail[i % readers] += sum(self._kept[s])
+        else:  # too few shards: samples dealt out in turn
+            pos = 0
+            for s in order:
+                for keep in self._kept[s]:
+                    avail[pos % readers] += keep
+                    pos += 1
+        return avail
+
+    def quotas(self, num_workers: int, rank: int | None = None) -> list[int]:
+        """Samples each DataLoader worker of ``rank`` (default: this one) yields this epoch. Equalising, the
+        rank's quota ``total // world_size`` is spread over its workers in proportion to what they hold
+        (trimming the largest, or repeating samples of workers that hold any when short)."""
+        rank = self.rank if rank is None else rank
+        avail = self._available(num_workers)
+        mine = [avail[self._reader(rank, w, num_workers)] for w in range(num_workers)]
+        if not self.equalize:
+            return mine
+        q = self.total // self.world_size
+        quota = list(mine)
+        excess = sum(quota) - q
+        while excess > 0:
+            i = max(range(num_workers), key=lambda k: (quota[k], -k))
+            quota[i] -= 1
+            excess -= 1
+        holders = [w for w in range(num_workers) if mine[w] > 0]
+        if excess < 0:
+            if not holders:
+                raise ValueError(
+                    f"ShardDataset: rank {rank} holds no samples of {self.spec!r} this epoch (the split filter "
+                    "left its shards empty): write the splits into separate shard sets"
+                )
+            for j in range(-excess):
+                quota[holders[j % len(holders)]] += 1
+        return quota
 
     def worker_quota(self, worker: int, num_workers: int) -> int:
-        q = len(self)
-        return q // num_workers + (1 if worker < q % num_workers else 0)
+        return self.quotas(num_workers)[worker]
 
     @property
     def skipped(self) -> int:
@@ -330,11 +387,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _raw_stream(self, worker: int, num_workers: int) -> Iterator[dict]:
         """Undecoded samples for this (rank, worker): shard order shuffled per epoch (the same on every rank),
         then a seeded shuffle buffer; wraps around to the start when exhausted (the caller stops at the quota)."""
-        order = list(range(len(self.urls)))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
+        order = self._order()
         readers = self.world_size * num_workers
-        me = self.rank * num_workers + worker
+        me = self._reader(self.rank, worker, num_workers)
         by_shard = len(order) >= readers
         offsets = dict(zip(order, np.cumsum([0] + [self.counts[s] for s in order]).tolist()))
         mine = order[me::readers] if by_shard else order
