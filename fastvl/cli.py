@@ -120,6 +120,70 @@ def _add_bench(sub) -> None:
     pb.set_defaults(fn=cmd_bench)
 
 
+def cmd_data_synth(args) -> int:
+    """Write the synthetic dataset (train + held-out splits) as mp4 files plus a manifest."""
+    from fastvl.data import SyntheticConfig, SyntheticVideoText, write_videos
+
+    datasets = []
+    for split, n in (("train", args.num), ("val", args.num_val)):
+        if n <= 0:
+            continue
+        cfg = SyntheticConfig(
+            num_clips=n,
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            audio=not args.no_audio,
+            audio_rate=args.audio_rate,
+            paraphrases=args.paraphrases,
+        )
+        datasets.append(SyntheticVideoText(split, seed=args.seed, config=cfg))
+    if not datasets:
+        print("fastvl data synth: --num and --num-val are both 0, nothing to write", file=sys.stderr)
+        return 2
+    path = write_videos(datasets, args.out, crf=args.crf, progress=True)
+    import json
+    import os
+
+    with open(os.path.join(args.out, "codecs.json")) as f:
+        codecs = json.load(f)
+    print(
+        f"wrote {sum(len(d) for d in datasets)} clips ({', '.join(f'{d.split} {len(d)}' for d in datasets)}) "
+        f"to {args.out}; video {codecs['video']}, audio {codecs['audio'] or 'none'}"
+    )
+    print(f"manifest: {path}   (use: --data {path})")
+    return 0
+
+
+def cmd_data_shards(args) -> int:
+    """Write any --data spec (synthetic, manifest) as WebDataset tar shards."""
+    from fastvl.data import SyntheticVideoText, compact_pattern, spec_kind, write_shards
+
+    kind = spec_kind(args.data)
+    if kind == "shards":
+        print("fastvl data shards: --data is already shards", file=sys.stderr)
+        return 2
+    if kind == "synthetic":
+        from fastvl.data import SyntheticConfig
+
+        split = args.split if args.split != "all" else "train"
+        cfg = SyntheticConfig(
+            num_clips=args.num or (1024 if split == "train" else 256),
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            audio=not args.no_audio,
+            audio_rate=args.audio_rate,
+            paraphrases=args.paraphrases,
+        )
+        source = SyntheticVideoText(split, seed=args.seed, config=cfg)
+    else:
+        source = args.data
+    paths = write_shards(source, args.out, args.per_shard, split=None if args.split == "all" else args.split)
+    print(f"wrote {len(paths)} shards: {compact_pattern(paths)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastvl", description="fast video-language pretraining kernels and models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -129,6 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("demo", help="run every token op once and check it against its reference")
     pd.set_defaults(fn=cmd_demo)
     _add_bench(sub)
+    pdata = sub.add_parser("data", help="write the synthetic dataset as mp4 files, or any data as tar shards")
+    dsub = pdata.add_subparsers(dest="data_cmd", required=True)
+    ps = dsub.add_parser("synth", help="synthetic clips -> DIR/{train,val}/*.mp4 + DIR/manifest.jsonl")
+    ps.add_argument("--out", required=True, help="output directory")
+    ps.add_argument("--num", type=int, default=1024, help="training clips (default 1024)")
+    ps.add_argument("--num-val", type=int, default=256, help="held-out clips (default 256)")
+    ps.add_argument("--frames", type=int, default=8, help="frames per clip (default 8; readers sample T of them)")
+    ps.add_argument("--size", type=int, default=64, help="frame size in pixels, even (default 64)")
+    ps.add_argument("--fps", type=float, default=8.0, help="frame rate (default 8: 1-second clips)")
+    ps.add_argument("--audio-rate", type=int, default=8000, help="audio sample rate (default 8000)")
+    ps.add_argument("--no-audio", action="store_true", help="no audio track")
+    ps.add_argument("--paraphrases", type=int, default=1, help="captions per clip (default 1)")
+    ps.add_argument("--crf", type=int, default=10, help="H.264 quality, lower is better (default 10)")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.set_defaults(fn=cmd_data_synth)
+    psh = dsub.add_parser("shards", help="--data SPEC -> WebDataset tar shards")
+    psh.add_argument("--data", required=True, help="'synthetic' or a manifest (.csv / .jsonl)")
+    psh.add_argument("--out", required=True, help="shard names, e.g. 'shards/{000..099}.tar'")
+    psh.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    psh.add_argument("--split", default="all", help="rows of this split only (train, val; default all)")
+    psh.add_argument("--num", type=int, default=None, help="synthetic: clips (default 1024 train / 256 val)")
+    psh.add_argument("--frames", type=int, default=8, help="synthetic: frames per clip (default 8)")
+    psh.add_argument("--size", type=int, default=64, help="synthetic: frame size (default 64)")
+    psh.add_argument("--fps", type=float, default=8.0, help="synthetic: frame rate (default 8)")
+    psh.add_argument("--audio-rate", type=int, default=8000, help="synthetic: audio sample rate (default 8000)")
+    psh.add_argument("--no-audio", action="store_true", help="synthetic: no audio track")
+    psh.add_argument("--paraphrases", type=int, default=1, help="synthetic: captions per clip (default 1)")
+    psh.add_argument("--seed", type=int, default=0)
+    psh.set_defaults(fn=cmd_data_shards)
     return p
 
 
