@@ -209,7 +209,7 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig, D.DistInfo], Component
                 loss = out["loss"] / cfg.grad_accum
                 ok = D.all_true(bool(torch.isfinite(loss)), info)
                 if not ok:
-                    bad = loss.item()
+                    bad, what = loss.item(), "loss"
                     break
                 (scaler.scale(loss) if scaler else loss).backward()
             for k, v in out.items():
@@ -221,12 +221,9 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig, D.DistInfo], Component
                 scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else math.inf))
             ok = D.all_true(math.isfinite(grad_norm), info) or scaler is not None
-            bad = grad_norm
+            bad, what = grad_norm, "gradient norm"
         if not ok:
-            msg = (
-                f"step {step + 1}: non-finite {'loss' if math.isfinite(grad_norm) or grad_norm != grad_norm else 'grad'}"
-                f" ({bad}); last checkpoint at step {last_ckpt_step}"
-            )
+            msg = f"step {step + 1}: non-finite {what} ({bad}); last checkpoint at step {last_ckpt_step}"
             if cfg.on_nan == "stop":
                 if bar:
                     bar.close()
