@@ -1,0 +1,6 @@
+"""Pretraining: loop, checkpoints, distributed setup, retrieval evaluation."""
+
+from .evaluate import retrieval_metrics
+from .loop import Components, NonFiniteLoss, TrainConfig, train
+
+__all__ = ["Components", "NonFiniteLoss", "TrainConfig", "retrieval_metrics", "train"]

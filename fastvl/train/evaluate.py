@@ -1,0 +1,93 @@
+"""Zero-shot retrieval evaluation: R@1/5/10 and median rank, text-to-video and video-to-text.
+
+Items that share a ``label`` (e.g. synthetic clips with the same caption) are equivalent: a query is
+answered at the rank of the first retrieved item with its label. Without labels, only the paired item
+(same index) is correct. Chance levels are exact for a random ranking of the split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+KS = (1, 5, 10)
+
+
+def first_hit_ranks(
+    query: torch.Tensor, gallery: torch.Tensor, q_labels: torch.Tensor, g_labels: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """0-based rank of the first gallery item sharing the query's label, by descending similarity.
+
+    query (Nq, D), gallery (Ng, D) L2-normalised; labels (Nq,), (Ng,). Ties count against the query
+    (an equal-scoring wrong item ranks first), so a constant embedding cannot score above chance.
+    """
+    ranks = []
+    for s in range(0, query.shape[0], chunk):
+        sim = query[s : s + chunk].float() @ gallery.float().T  # (c, Ng)
+        correct = q_labels[s : s + chunk, None] == g_labels[None, :]
+        best_correct = torch.where(correct, sim, torch.full_like(sim, -math.inf)).max(dim=1).values
+        better_wrong = ((sim >= best_correct[:, None]) & ~correct).sum(dim=1)
+        ranks.append(better_wrong)
+    return torch.cat(ranks)
+
+
+def _log_comb(n: int, k: int) -> float:
+    if k < 0 or k > n:
+        return -math.inf
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def chance_levels(n: int, num_correct: Sequence[int], ks: Sequence[int] = KS) -> dict[str, float]:
+    """Expected R@k (%) and median of the first-hit rank (1-based) for a uniformly random ranking."""
+    out = {}
+    for k in ks:
+        p = [1.0 - math.exp(_log_comb(n - m, k) - _log_comb(n, k)) if n - m >= k else 1.0 for m in num_correct]
+        out[f"R@{k}"] = 100.0 * sum(p) / len(p)
+    medians = []
+    for m in num_correct:
+        # P(first hit within r) = 1 - C(n-m, r) / C(n, r); the per-query median is the first r reaching 1/2
+        r = 1
+        while r < n and 1.0 - math.exp(_log_comb(n - m, r) - _log_comb(n, r)) < 0.5 - 1e-12:
+            r += 1
+        medians.append(r)
+    medians.sort()
+    out["MdR"] = float(medians[len(medians) // 2])
+    return out
+
+
+def retrieval_metrics(
+    video: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None, ks: Sequence[int] = KS
+) -> dict[str, dict[str, float]]:
+    """Both directions: {"t2v": {R@1, R@5, R@10, MdR}, "v2t": {...}, "chance": {...}, "n": N}.
+
+    video, text: (N, D) embeddings of paired items (row i of each is one pair), L2-normalised.
+    labels: (N,) equivalence labels or None (pairs only).
+    """
+    if video.shape != text.shape:
+        raise ValueError(f"retrieval_metrics: video {tuple(video.shape)} and text {tuple(text.shape)} must match")
+    n = video.shape[0]
+    labels = torch.arange(n) if labels is None else labels.cpu()
+    video, text = video.cpu(), text.cpu()
+    res: dict = {"n": n}
+    for name, q, g in (("t2v", text, video), ("v2t", video, text)):
+        r = first_hit_ranks(q, g, labels, labels)
+        d = {f"R@{k}": 100.0 * (r < k).float().mean().item() for k in ks}
+        d["MdR"] = float((r + 1).float().median().item())
+        res[name] = d
+    counts = torch.bincount(torch.unique(labels, return_inverse=True)[1])
+    per_query = counts[torch.unique(labels, return_inverse=True)[1]].tolist()
+    res["chance"] = chance_levels(n, per_query, ks)
+    return res
+
+
+def format_metrics(m: dict) -> str:
+    """Table lines: each figure beside the chance level for the split's size."""
+    ch = m["chance"]
+    lines = [f"zero-shot retrieval on {m['n']} held-out clips (chance in brackets)"]
+    for d in ("t2v", "v2t"):
+        parts = [f"{k} {m[d][k]:5.1f} [{ch[k]:4.1f}]" for k in m[d] if k.startswith("R@")]
+        parts.append(f"MdR {m[d]['MdR']:.0f} [{ch['MdR']:.0f}]")
+        lines.append(f"  {'text->video' if d == 't2v' else 'video->text'}: " + "  ".join(parts))
+    return "\n".join(lines)
