@@ -184,9 +184,26 @@ def cmd_data_shards(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    from fastvl.train import pretrain
+
+    pp = sub.add_parser(
+        "pretrain",
+        help="pretrain All-in-one / VATT / MAC (default: allinone-ti on the embedded synthetic data)",
+        description="Pretrain a model, then evaluate zero-shot retrieval on the held-out split. Scale out with "
+        "torchrun --nproc_per_node N -m fastvl.cli pretrain ...",
+    )
+    pretrain.add_pretrain_arguments(pp)
+    pp.set_defaults(fn=pretrain.cmd_pretrain)
+    pe = sub.add_parser("eval", help="zero-shot retrieval of a run's latest checkpoint on the held-out split")
+    pretrain.add_eval_arguments(pe)
+    pe.set_defaults(fn=pretrain.cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastvl", description="fast video-language pretraining kernels and models")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
     pi = sub.add_parser("info", help="versions, devices, backends per op and why the others are not used")
     pi.add_argument("--model", default=None, help=argparse.SUPPRESS)
     pi.set_defaults(fn=cmd_info)
