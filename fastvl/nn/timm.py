@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from .attention import Attention
 from .layer_norm import LayerNorm
 
 
+def _timm_attention_classes() -> tuple[type, ...]:
+    classes = []
+    for mod in ("timm.layers", "timm.models.vision_transformer"):  # where timm 1.x / 0.9 keep ViT's Attention
+        try:
+            classes.append(importlib.import_module(mod).Attention)
+        except (ImportError, AttributeError):  # timm absent (nothing of its kind can be in the model) or moved
+            pass
+    return tuple(classes)
+
+
 def _is_timm_attention(m: nn.Module) -> bool:
-    try:
-        from timm.layers import Attention as TimmAttention
-    except ImportError:  # timm absent: nothing of its kind can be in the model
-        return False
-    return type(m) is TimmAttention
+    return type(m) in _timm_attention_classes()
 
 
 def _layer_norm_from(m: nn.LayerNorm, backend: str | None) -> LayerNorm:

@@ -53,17 +53,18 @@ def layer_norm_reference_backward(
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dx = rstd * (w dy - mean(w dy) - xhat * mean(xhat * w dy)) + dh``, ``dw = sum(dy * xhat)``,
-    ``db = sum(dy)`` over rows, in fp32 (fp64 for fp64). Absent gradients are empty tensors."""
+    ``db = sum(dy)`` over rows (torch's native LayerNorm backward in fp32, fp64 for fp64). Absent gradients
+    are empty tensors."""
     ct = _ct(x.dtype)
-    xf, dyf = x.to(ct), dy.to(ct)
-    mean_, rstd_ = mean.to(ct)[:, None], rstd.to(ct)[:, None]
-    xhat = (xf - mean_) * rstd_
-    wdy = dyf * weight.to(ct) if weight is not None else dyf
-    dx = rstd_ * (wdy - wdy.mean(-1, keepdim=True) - xhat * (xhat * wdy).mean(-1, keepdim=True))
+    wdtype = weight.dtype if weight is not None else x.dtype
+    dyf = dy.to(ct)
+    dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+        dyf, x.to(ct), [x.shape[-1]], mean.to(ct)[:, None], rstd.to(ct)[:, None], _opt(weight, ct), None,
+        [True, need_dw, False],
+    )  # fmt: skip
     if dh is not None:
         dx = dx + dh.to(ct)
-    wdtype = weight.dtype if weight is not None else x.dtype
-    dw = (dyf * xhat).sum(0).to(wdtype) if need_dw else x.new_empty(0)
+    dw = dw.to(wdtype) if need_dw else x.new_empty(0)
     db = dyf.sum(0).to(wdtype) if need_db else x.new_empty(0)
     return dx.to(x.dtype), dw, db
 
