@@ -677,9 +677,4 @@ def attention_backward(
     return dq, dk, dv
 
 
-def max_grid_rows() -> int:
-    """Largest N * H the launch grid takes (CUDA's limit on grid dimension y)."""
-    return 65535
-
-
-__all__ = ["LOG2E", "attention_backward", "attention_forward", "max_grid_rows"]
+__all__ = ["LOG2E", "attention_backward", "attention_forward"]

@@ -701,6 +701,8 @@ def flash_attention(
     ``key_padding_mask (N, Sk)`` bool, True = padded key to ignore; rows with no visible key give zeros.
     ``deterministic``: bitwise-repeatable gradients (fastvl's kernels always are; peers that are not are
     skipped). ``frame_offsets (S,)`` int with ``num_frames=T``: roll-aware addressing (module docstring).
+    fp32 inputs: the Triton kernel's dots are exact fp32 unless ``torch.get_float32_matmul_precision()`` allows
+    tf32 (then ~1e-3 relative error, like torch's own tf32 matmuls).
     """
     scale, T = _check(q, k, v, softmax_scale, causal, key_padding_mask, deterministic, frame_offsets, num_frames)
     if T == 1:
