@@ -2,7 +2,9 @@
 
 from fastvl import nn, ops
 from fastvl.backends import BackendError, explain, use_backend
+from fastvl.nn.timm import patch_timm_vit
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "__version__", "explain", "nn", "ops", "use_backend"]
+__all__ += ["patch_timm_vit"]

@@ -1,0 +1,237 @@
+"""LayerNorm over the last dim, optionally fused with the residual add of a pre-norm block.
+
+Forward: ``h = x + residual`` (rounded to x's dtype and returned), ``y = (h - mean) * rstd * w + b`` with
+fp32 statistics; mean and rstd are saved. A program owns a tile of BLOCK_R whole rows.
+Backward: ``dx = rstd * (w*dy - mean(w*dy) - xhat * mean(xhat * w*dy)) (+ dh)``, with dW/dB reduced in
+two stages: each program sums its rows into one fp32 partial row, a second kernel sums the partials
+(no atomics: deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from .utils import empty, warps_for
+
+MAX_COLS = 16384  # one row per tile; wider rows fall back to the reference
+
+
+@triton.jit
+def _ln_fwd(
+    X,
+    R,
+    W,
+    B,
+    Y,
+    HS,
+    MEAN,
+    RSTD,
+    M,
+    C,
+    sxm,
+    sxc,
+    srm,
+    src,
+    sym,
+    shm,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    r_mask = rows < M
+    c_mask = cols < C
+    mask = r_mask[:, None] & c_mask[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(X + r64[:, None] * sxm + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        res = tl.load(R + r64[:, None] * srm + cols[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+        h = (x + res).to(HS.dtype.element_ty)  # the residual stream keeps x's dtype; y normalises exactly it
+        tl.store(HS + r64[:, None] * shm + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r64[:, None] * sym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=r_mask)
+    tl.store(RSTD + rows, rstd, mask=r_mask)
+
+
+@triton.jit
+def _ln_bwd(
+    DY,
+    DH,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DW_PART,
+    DB_PART,
+    M,
+    C,
+    rows_per_prog,
+    sdym,
+    sdyc,
+    sdhm,
+    sdhc,
+    sxm,
+    sxc,
+    sdxm,
+    HAS_DH: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    g = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(c_mask, 1.0, 0.0)
+    dw_acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    db_acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    row0 = g * rows_per_prog
+    row_end = tl.minimum(row0 + rows_per_prog, M)
+    for r in range(row0, row_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        r_mask = rows < row_end
+        mask = r_mask[:, None] & c_mask[None, :]
+        r64 = rows.to(tl.int64)
+        x = tl.load(X + r64[:, None] * sxm + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64[:, None] * sdym + cols[None, :] * sdyc, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, 1) / C
+        c2 = tl.sum(wdy, 1) / C
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(DH + r64[:, None] * sdhm + cols[None, :] * sdhc, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64[:, None] * sdxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw_acc += dy * xhat
+        if NEED_DB:
+            db_acc += dy
+    if NEED_DW:
+        tl.store(DW_PART + g * C + cols, tl.sum(dw_acc, 0), mask=c_mask)
+    if NEED_DB:
+        tl.store(DB_PART + g * C + cols, tl.sum(db_acc, 0), mask=c_mask)
+
+
+@triton.jit
+def _col_sum(PART, OUT, G, C, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[c] = sum_g PART[g, c] in fp32, in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    acc = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        acc += tl.load(PART + gs[:, None] * C + cols[None, :], mask=(gs < G)[:, None] & c_mask[None, :], other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=c_mask)
+
+
+def _tile(C: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): whole rows per tile, ~4K elements per program on a GPU (the
+    interpreter takes up to 16K: fewer programs)."""
+    BLOCK_C = max(16, triton.next_power_of_2(C))
+    budget = 16384 if INTERPRET else 4096
+    BLOCK_R = max(1, min(64, budget // BLOCK_C))
+    return BLOCK_R, BLOCK_C, min(16, max(warps_for(BLOCK_R * BLOCK_C), BLOCK_R * BLOCK_C // 1024))
+
+
+def layer_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """x, residual ``(M, C)`` (any strides) -> ``(y, h or None, mean (M,), rstd (M,))``; y and h contiguous."""
+    M, C = x.shape
+    y = empty((M, C), x.dtype, x.device)
+    h = empty((M, C), x.dtype, x.device) if residual is not None else None
+    mean = empty((M,), torch.float32, x.device)
+    rstd = empty((M,), torch.float32, x.device)
+    if M == 0:
+        return y, h, mean, rstd
+    BLOCK_R, BLOCK_C, warps = _tile(C)
+    r = residual if residual is not None else x
+    _ln_fwd[(triton.cdiv(M, BLOCK_R),)](
+        x, r, weight if weight is not None else x, bias if bias is not None else x, y, h if h is not None else y,
+        mean, rstd, M, C, x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0),
+        h.stride(0) if h is not None else 0, float(eps),
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
+    )  # fmt: skip
+    return y, h, mean, rstd
+
+
+def _num_programs(M: int, BLOCK_R: int, device: torch.device) -> int:
+    tiles = triton.cdiv(M, BLOCK_R)
+    if INTERPRET or device.type != "cuda":
+        return max(1, min(tiles, 4))
+    return max(1, min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def layer_norm_backward(
+    dy: torch.Tensor,
+    dh: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``dy``, ``dh`` (grad of the returned sum, or None), the normalised input ``x`` ``(M, C)`` ->
+    ``(dx, dw, db)``; dx is also the residual's gradient. dw/db in the weight's dtype."""
+    M, C = x.shape
+    dx = empty((M, C), x.dtype, x.device)
+    wdtype = weight.dtype if weight is not None else x.dtype
+    BLOCK_R, BLOCK_C, warps = _tile(C)
+    G = _num_programs(M, BLOCK_R, x.device)
+    rows_per_prog = triton.cdiv(triton.cdiv(M, G), BLOCK_R) * BLOCK_R if M else 0
+    G = triton.cdiv(M, rows_per_prog) if M else 0
+    dw_part = empty((G, C), torch.float32, x.device) if need_dw else None
+    db_part = empty((G, C), torch.float32, x.device) if need_db else None
+    if G > 0:
+        _ln_bwd[(G,)](
+            dy, dh if dh is not None else dy, x, weight if weight is not None else x, mean, rstd, dx,
+            dw_part if dw_part is not None else mean, db_part if db_part is not None else mean,
+            M, C, rows_per_prog, dy.stride(0), dy.stride(1),
+            dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0,
+            x.stride(0), x.stride(1), dx.stride(0),
+            HAS_DH=dh is not None, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
+        )  # fmt: skip
+    outs = []
+    for part in (dw_part, db_part):
+        if part is None:
+            outs.append(None)
+            continue
+        out = empty((C,), wdtype, x.device)
+        if G == 0:
+            out.zero_()
+        else:
+            SUM_C = min(256, max(16, triton.next_power_of_2(C)))
+            BLOCK_G = min(64, max(1, triton.next_power_of_2(G)))
+            _col_sum[(triton.cdiv(C, SUM_C),)](part, out, G, C, BLOCK_G=BLOCK_G, BLOCK_C=SUM_C, num_warps=4)
+        outs.append(out)
+    return dx, outs[0], outs[1]

@@ -1,0 +1,681 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastvl
+from fastvl import BackendError
+from fastvl.ops.roll import roll_reference
+from fastvl.testing import assert_close, device, dtypes_to_test, kernel_backends, noncontiguous, randn
+
+DEV = device()
+KERNELS = kernel_backends("triton")
+BACKENDS = ["reference"] + KERNELS
+
+
+# ---- independent oracle: textbook attention, autograd in float64 ------------------------------
+
+
+def naive_attention(q, k, v, scale, causal=False, kpm=None):
+    """masked_fill + softmax on (N, S, H, D); causal bottom-right (j <= i + Sk - Sq); rows with no visible key -> 0."""
+    N, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    s = torch.einsum("nqhd,nkhd->nhqk", q, k) * scale
+    vis = torch.ones(N, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    if kpm is not None:
+        vis = vis & ~kpm[:, None, None, :]
+    if causal:
+        vis = vis & (torch.arange(Sk, device=q.device)[None, :] <= torch.arange(Sq, device=q.device)[:, None] + Sk - Sq)
+    any_vis = vis.any(-1, keepdim=True)
+    p = s.masked_fill(~vis, float("-inf")).masked_fill(~any_vis, 0).softmax(-1) * any_vis
+    return torch.einsum("nhqk,nkhd->nqhd", p, v)
+
+
+def naive_roll(x, off, T, inverse=False):
+    """roll(x)[b*T + t, s] = x[b*T + (t + off[s]) % T, s], frame by frame (inverse: write back there)."""
+    out = torch.empty_like(x)
+    S = x.shape[1]
+    slots = torch.arange(S, device=x.device)
+    for b in range(x.shape[0] // T):
+        for t in range(T):
+            src = b * T + (t + off.to(x.device).long()) % T
+            if inverse:
+                out[src, slots] = x[b * T + t]
+            else:
+                out[b * T + t] = x[src, slots]
+    return out
+
+
+def _inputs(N, Sq, Sk, H, D, dtype, layout):
+    """Fresh fp64 draws cast to dtype, laid out as asked; returns (q, k, v) leaves requiring grad."""
+    q64, k64, v64 = (randn(N, s, H, D, dtype=torch.float64) for s in (Sq, Sk, Sk))
+    if layout == "packed" and Sq == Sk:  # q, k, v as strided views of one (N, S, 3, H, D) buffer, like a qkv Linear
+        buf = torch.stack([q64, k64, v64], dim=2).to(dtype).requires_grad_(True)
+        return buf, buf.unbind(2)
+    ts = [t.to(dtype) for t in (q64, k64, v64)]
+    if layout in ("rows", "channels"):
+        ts = [noncontiguous(t, layout) for t in ts]
+    ts = [t.requires_grad_(True) for t in ts]
+    return None, ts
+
+
+def _check_against_oracle(backend, dtype, q, k, v, scale, causal, kpm, leaves):
+    out = fastvl.ops.flash_attention(q, k, v, softmax_scale=scale, causal=causal, key_padding_mask=kpm, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    g64 = randn(*out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, g64.to(dtype))
+    # float64 oracle on the same (dtype-rounded) values, and PyTorch's own math in dtype
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    same_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+
+    def qkv(ls):
+        return ls[0].unbind(2) if len(ls) == 1 else ls
+
+    ref = naive_attention(*qkv(ref_leaves), scale, causal, kpm)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g64.to(dtype).double())
+    same = naive_attention(*qkv(same_leaves), scale, causal, kpm)
+    same_grads = torch.autograd.grad(same, same_leaves, g64.to(dtype))
+    assert_close(out, ref, dtype, torch_same_dtype=same, name="out")
+    for name, g, r, s in zip("qkv" if len(leaves) == 3 else ["qkv"], grads, ref_grads, same_grads):
+        assert_close(g, r, dtype, torch_same_dtype=s, name=f"grad {name}")
+
+
+# ---- the reference against hand values and public semantics ----------------------------------
+
+
+def test_reference_hand_case():
+    # one head, D=1: scores are products; check the softmax weights by hand, and the masks
+    q = torch.tensor([[[[1.0]], [[2.0]]]], dtype=torch.float64)  # (1, 2, 1, 1)
+    k = torch.tensor([[[[1.0]], [[0.0]], [[-1.0]]]], dtype=torch.float64)  # (1, 3, 1, 1)
+    v = torch.tensor([[[[10.0]], [[20.0]], [[30.0]]]], dtype=torch.float64)
+    out = fastvl.ops.flash_attention(q, k, v, softmax_scale=1.0)
+    for i, qi in enumerate([1.0, 2.0]):
+        w = [math.exp(qi * kj) for kj in (1.0, 0.0, -1.0)]
+        assert out[0, i, 0, 0].item() == pytest.approx(sum(wj * vj for wj, vj in zip(w, (10, 20, 30))) / sum(w))
+    # causal, bottom-right (Sq=2, Sk=3): query 0 sees keys 0..1, query 1 sees keys 0..2
+    out = fastvl.ops.flash_attention(q, k, v, softmax_scale=1.0, causal=True)
+    w0 = [math.exp(1.0), 1.0]
+    assert out[0, 0, 0, 0].item() == pytest.approx((w0[0] * 10 + w0[1] * 20) / sum(w0))
+    # padding the first two keys leaves only key 2; padding all three gives zeros, not NaN
+    kpm = torch.tensor([[True, True, False]])
+    assert fastvl.ops.flash_attention(q, k, v, key_padding_mask=kpm).flatten().tolist() == [30.0, 30.0]
+    out = fastvl.ops.flash_attention(q, k, v, key_padding_mask=torch.ones(1, 3, dtype=torch.bool))
+    assert out.flatten().tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("causal,pad", [(False, False), (True, False), (False, True)])
+def test_reference_matches_torch_sdpa(causal, pad):
+    N, S, H, D = 3, 29, 2, 16
+    q, k, v = (randn(N, S, H, D, dtype=torch.float64, device="cpu") for _ in range(3))
+    kpm = None
+    mask = None
+    if pad:  # text-style padding: the last keys of each sequence (MultiheadAttention's True = ignore)
+        kpm = torch.arange(S)[None, :] >= torch.tensor([29, 20, 7])[:, None]
+        mask = ~kpm[:, None, None, :]
+    out = fastvl.ops.flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="reference")
+    exp = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, exp, rtol=1e-12, atol=1e-12)
+
+
+# ---- Triton kernel vs float64, forward and backward --------------------------------------------
+
+# pairwise selection over S in {1, 17, 197, 237}, H in {1, 3}, D in {32, 64, 96}, causal x padding,
+# fp32/fp16, layouts; the largest shapes appear in a few cases only (interpreter cost)
+GRID = [
+    # N, Sq, Sk, H, D, causal, pad, dtype, layout
+    (2, 1, 1, 1, 32, False, False, torch.float32, "contiguous"),
+    (3, 1, 1, 3, 64, True, True, torch.float16, "channels"),
+    (2, 17, 17, 3, 32, True, False, torch.float16, "packed"),
+    (2, 17, 17, 1, 96, False, True, torch.float32, "channels"),
+    (2, 17, 17, 2, 128, True, True, torch.float16, "contiguous"),
+    (2, 197, 197, 1, 64, False, True, torch.float32, "rows"),
+    (1, 197, 197, 3, 96, True, False, torch.float16, "packed"),
+    (1, 237, 237, 1, 96, False, False, torch.float16, "contiguous"),
+    (2, 237, 237, 3, 32, True, True, torch.float32, "rows"),
+    (2, 17, 70, 1, 64, True, True, torch.float32, "contiguous"),  # cross-attention, Sq < Sk
+    (2, 45, 20, 3, 32, True, False, torch.float16, "rows"),  # Sq > Sk: the first rows see no key -> 0
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,Sq,Sk,H,D,causal,pad,dtype,layout", GRID)
+def test_kernel_matches_float64(backend, N, Sq, Sk, H, D, causal, pad, dtype, layout):
+    buf, (q, k, v) = _inputs(N, Sq, Sk, H, D, dtype, layout)
+    kpm = None
+    if pad:
+        kpm = torch.rand(N, Sk, device=DEV) < 0.3
+        kpm[0] = True  # one sequence fully padded: zeros, not NaN
+    leaves = [buf] if buf is not None else [q, k, v]
+    _check_against_oracle(backend, dtype, q, k, v, D**-0.5 * 1.3, causal, kpm, leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_padded_rows_are_zero_with_zero_grads(backend):
+    q, k, v = (randn(2, 9, 1, 32).requires_grad_(True) for _ in range(3))
+    kpm = torch.zeros(2, 9, dtype=torch.bool, device=DEV)
+    kpm[1] = True
+    out = fastvl.ops.flash_attention(q, k, v, key_padding_mask=kpm, backend=backend)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    for t in (q, k, v):
+        assert not torch.isnan(t.grad).any()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+    assert bool((q.grad[0] != 0).any())
+
+
+# ---- varlen ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", dtypes_to_test()[:2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_unequal_lengths(backend, dtype, causal):
+    lq, lk = [1, 40, 0, 67, 13], [5, 40, 3, 50, 13]  # unequal, one empty query set, Sq > Sk in one sequence
+    H, D = 2, 32
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    q = randn(sum(lq), H, D, dtype=torch.float64).to(dtype).requires_grad_(True)
+    k = randn(sum(lk), H, D, dtype=torch.float64).to(dtype)
+    k = noncontiguous(k).requires_grad_(True)
+    v = randn(sum(lk), H, D, dtype=torch.float64).to(dtype).requires_grad_(True)
+    out = fastvl.ops.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal, backend=backend)
+    g = randn(*out.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    same_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    results = []
+    for leaves, gd in ((ref_leaves, g.double()), (same_leaves, g)):
+        outs = []
+        for b in range(len(lq)):
+            qs = leaves[0][cu_q[b] : cu_q[b + 1]][None]
+            ks = leaves[1][cu_k[b] : cu_k[b + 1]][None]
+            vs = leaves[2][cu_k[b] : cu_k[b + 1]][None]
+            outs.append(naive_attention(qs, ks, vs, D**-0.5, causal)[0])
+        o = torch.cat(outs)
+        results.append((o, torch.autograd.grad(o, leaves, gd)))
+    (ref, ref_g), (same, same_g) = results
+    assert_close(out, ref, dtype, torch_same_dtype=same, name="out")
+    for name, a, r, s in zip("qkv", grads, ref_g, same_g):
+        assert_close(a, r, dtype, torch_same_dtype=s, name=f"grad {name}")
+
+
+# ---- determinism -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_gradients_bitwise(backend):
+    dtype = torch.float16 if backend != "reference" else torch.float32
+    q, k, v = (randn(2, 61, 2, 64, dtype=dtype).requires_grad_(True) for _ in range(3))
+    kpm = torch.rand(2, 61, device=DEV) < 0.2
+    g = randn(2, 61, 2, 64, dtype=dtype)
+    runs = []
+    for _ in range(2):
+        out = fastvl.ops.flash_attention(
+            q, k, v, key_padding_mask=kpm, deterministic=True, causal=True, backend=backend
+        )
+        runs.append(torch.autograd.grad(out, (q, k, v), g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---- roll-aware addressing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frame_offsets_match_explicit_roll(backend):
+    T, B, S, H, D = 3, 2, 23, 2, 32
+    q, k, v = (randn(B * T, S, H, D).requires_grad_(True) for _ in range(3))
+    off = torch.randint(-7, 8, (S,), device=DEV)  # any integers, used mod T
+    kpm = torch.rand(B * T, S, device=DEV) < 0.25
+    out = fastvl.ops.flash_attention(q, k, v, key_padding_mask=kpm, frame_offsets=off, num_frames=T, backend=backend)
+    g = randn(*out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    rolled = [naive_roll(t, off, T) for t in leaves]
+    exp = naive_roll(naive_attention(*rolled, D**-0.5, False, naive_roll(kpm, off, T)), off, T, inverse=True)
+    exp_grads = torch.autograd.grad(exp, leaves, g)
+    assert_close(out, exp.double(), torch.float32, torch_same_dtype=exp)
+    for a, e in zip(grads, exp_grads):
+        assert_close(a, e.double(), torch.float32, name="grad")
+
+
+def test_roll_frame_offsets_is_allinone_roll():
+    T, text, L = 3, 5, 17
+    S = text + L
+    off = fastvl.ops.roll_frame_offsets(S, text, steps=1)
+    f = L // 8
+    assert off.dtype == torch.int64 and off.shape == (S,)
+    assert off[text + 1 : text + 1 + f].tolist() == [-1] * f and off[S - f :].tolist() == [1] * f
+    assert int(off.abs().sum()) == 2 * f
+    x = randn(2 * T, S, 4, device="cpu")
+    # roll(x)[t, s] = x[(t + off[s]) % T, s] is exactly temporal_token_roll, k steps = k rolls
+    assert torch.equal(naive_roll(x, off, T), roll_reference(x, T, text, f))
+    two = roll_reference(roll_reference(x, T, text, f), T, text, f)
+    assert torch.equal(naive_roll(x, fastvl.ops.roll_frame_offsets(S, text, steps=2), T), two)
+
+
+class _Block(torch.nn.Module):
+    """Pre-norm block: x + attn(LN(x)), then + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, backend):
+        super().__init__()
+        self.norm1 = fastvl.nn.LayerNorm(dim, backend=backend)
+        self.attn = fastvl.nn.Attention(dim, heads, qkv_bias=True, backend=backend)
+        self.norm2 = fastvl.nn.LayerNorm(dim, backend=backend)
+        self.fc1 = torch.nn.Linear(dim, 2 * dim)
+        self.fc2 = torch.nn.Linear(2 * dim, dim)
+
+    def forward(self, x, kpm, offsets=None, T=1):
+        x = x + self.attn(self.norm1(x), key_padding_mask=kpm, frame_offsets=offsets, num_frames=T)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_stack_roll_aware_equals_explicit_roll(backend):
+    # All-in-one: an explicit temporal_token_roll of the residual stream before every block gives the same
+    # frame-averaged output (and gradients) as rolling nothing and letting block k attend with offsets k*off
+    torch.manual_seed(1)
+    B, T, text, L, C, heads = 2, 3, 5, 17, 64, 2
+    depth = 3 if backend == "reference" else 2  # interpreter cost
+    S = text + L
+    blocks = torch.nn.ModuleList([_Block(C, heads, backend) for _ in range(depth)]).to(DEV)
+    x = randn(B * T, S, C).requires_grad_(True)
+    kpm = torch.zeros(B * T, S, dtype=torch.bool, device=DEV)
+    kpm[:T, 3:text] = True  # text padding of the first video, the same in each of its frames
+    roll = fastvl.nn.TemporalTokenRoll(T, text_len=text)
+
+    h = x
+    for blk in blocks:
+        h = blk(roll(h), kpm)
+    explicit = h.view(B, T, S, C).mean(1)
+    h = x
+    for i, blk in enumerate(blocks):
+        h = blk(h, kpm, fastvl.ops.roll_frame_offsets(S, text, steps=i + 1, device=DEV), T)
+    aware = h.view(B, T, S, C).mean(1)
+    assert_close(aware, explicit.double(), torch.float32, rtol=1e-4, atol=1e-5, name="frame average")
+    g = randn(B, S, C)
+    params = [x] + list(blocks.parameters())
+    g_explicit = torch.autograd.grad(explicit, params, g)
+    g_aware = torch.autograd.grad(aware, params, g)
+    for a, e in zip(g_aware, g_explicit):
+        assert_close(a, e.double(), torch.float32, rtol=1e-4, atol=1e-5, name="grad")
+    # and without the offsets the two differ: the test can fail
+    h = x.detach()
+    with torch.no_grad():
+        for blk in blocks:
+            h = blk(h, kpm)
+    assert (h.view(B, T, S, C).mean(1) - explicit).abs().max() > 1e-3
+
+
+# ---- FLOP accounting ---------------------------------------------------------------------------
+
+
+def test_flop_counter_matches_torch_accounting():
+    from timm.layers import Attention as TimmAttention
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    B, S, C, H = 2, 37, 64, 2
+    timm_attn = TimmAttention(C, H, qkv_bias=True)
+    timm_attn.fused_attn = False  # eager math: FlopCounterMode counts its matmuls on the CPU
+    ours = fastvl.nn.Attention(C, H, qkv_bias=True)
+    ours.load_state_dict(timm_attn.state_dict())
+    x = torch.randn(B, S, C, requires_grad=True)
+
+    def count(fn, backward):
+        with FlopCounterMode(display=False) as m:
+            out = fn(x)
+            if backward:
+                out.sum().backward()
+        return m.get_total_flops()
+
+    shape = (B, H, S, C // H)
+    assert count(ours, False) == count(timm_attn, False)  # forward: the same 4 B H S^2 D as eager
+    # fwd + bwd: what torch charges its own fused SDPA (backward 2.5x forward: recomputed QK^T + 4 matmuls)
+    with FlopCounterMode(display=False) as m:
+        qq = torch.randn(*shape, requires_grad=True)
+        (qq @ qq.transpose(-1, -2)).softmax(-1).matmul(qq).sum().backward()
+    eager_attention = m.get_total_flops()
+    fused = sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)
+    assert count(ours, True) == count(timm_attn, True) - eager_attention + fused
+    q = torch.randn(B, S, H, C // H)
+    with FlopCounterMode(display=False) as m:
+        fastvl.ops.flash_attention(q, q, q, causal=True)
+    assert m.get_total_flops() == sdpa_flop_count(shape, shape, shape) // 2
+
+
+# ---- dispatch, bad input, modules --------------------------------------------------------------
+
+
+def test_dispatch_reasons():
+    q = torch.randn(2, 17, 2, 32)
+    kpm = torch.zeros(2, 17, dtype=torch.bool)
+    report = fastvl.explain(fastvl.ops.flash_attention, q, q, q, key_padding_mask=kpm)
+    assert "[chosen] reference" in report
+    assert "flash_attn is not installed" in report and "xformers is not installed" in report
+    assert "sdpa" in report and "runs on CUDA tensors" in report
+    with pytest.raises(BackendError, match="backend 'sdpa' cannot serve.*q is on cpu"):
+        fastvl.ops.flash_attention(q, q, q, backend="sdpa")
+    if KERNELS:
+        with pytest.raises(BackendError, match="head dim D=160 > 128"):
+            fastvl.ops.flash_attention(*(torch.randn(1, 4, 1, 160) for _ in range(3)), backend="triton")
+        with pytest.raises(BackendError, match="q dtype torch.float64"):
+            fastvl.ops.flash_attention(*(torch.randn(1, 4, 1, 16, dtype=torch.float64),) * 3, backend="triton")
+        # auto falls back to the reference for what the kernel cannot take
+        out = fastvl.ops.flash_attention(*(torch.randn(1, 4, 1, 160) for _ in range(3)))
+        assert out.shape == (1, 4, 1, 160)
+    off = torch.zeros(17, dtype=torch.int64)
+    sdpa = fastvl.backends._REGISTRY["flash_attention"]["sdpa"]
+    call = fastvl.ops.flash_attention.make_call(q, q, q, frame_offsets=off, num_frames=2, deterministic=True)
+    why = " ".join(sdpa.reasons(call))
+    assert "frame_offsets" in why and "deterministic=True" in why
+
+
+def _qkv(*shape, dtype=torch.float32):
+    return [torch.randn(*shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 16)), ValueError, r"'q' must be 4-D \(N, Sq, H, D\)"),
+        (
+            lambda: fastvl.ops.flash_attention(torch.randn(2, 5, 1, 16), *_qkv(2, 5, 1, 16, dtype=torch.float16)[:2]),
+            TypeError,
+            "'k' must have q's dtype torch.float32, got torch.float16",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(torch.randn(2, 5, 1, 16), *_qkv(3, 5, 1, 16)[:2]),
+            ValueError,
+            "'k' must have q's batch N=2",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(torch.randn(2, 5, 1, 16), *_qkv(2, 5, 1, 32)[:2]),
+            ValueError,
+            r"'k' must have q's \(H, D\)=\(1, 16\)",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 1, 16)[:2], torch.randn(2, 6, 1, 16)),
+            ValueError,
+            "'v' must have k's shape",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 1, 0)),
+            ValueError,
+            "head dim D must be >= 1",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(
+                *_qkv(2, 5, 1, 16), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)
+            ),
+            ValueError,
+            r"'key_padding_mask' must have shape \(N, Sk\)=\(2, 5\), got \(2, 4\)",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 1, 16), key_padding_mask=torch.zeros(2, 5)),
+            TypeError,
+            "'key_padding_mask' must have dtype in \\(bool\\)",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(
+                *_qkv(6, 5, 1, 16), frame_offsets=torch.zeros(4, dtype=torch.int64), num_frames=3
+            ),
+            ValueError,
+            r"'frame_offsets' must have shape \(S,\)=\(5,\)",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(
+                *_qkv(4, 5, 1, 16), frame_offsets=torch.zeros(5, dtype=torch.int64), num_frames=3
+            ),
+            ValueError,
+            "q.shape\\[0\\]=4 must be a multiple of num_frames=3",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 1, 16), softmax_scale=-1.0),
+            ValueError,
+            "'softmax_scale' must be in",
+        ),
+        (lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 1, 16), causal=1), TypeError, "'causal' must be a bool"),
+        (
+            lambda: fastvl.ops.flash_attention_varlen(
+                *_qkv(9, 1, 16), torch.tensor([0, 4, 9]), torch.tensor([0, 4, 9], dtype=torch.int32), 5, 5
+            ),
+            TypeError,
+            "'cu_seqlens_q' must have dtype in \\(int32\\), got torch.int64",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention_varlen(
+                *_qkv(9, 1, 16), *(torch.tensor([0, 6, 4, 9], dtype=torch.int32),) * 2, 6, 6
+            ),
+            ValueError,
+            "'cu_seqlens_q' must start at 0 and be increasing",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention_varlen(
+                *_qkv(9, 1, 16), *(torch.tensor([0, 4, 8], dtype=torch.int32),) * 2, 5, 5
+            ),
+            ValueError,
+            "'cu_seqlens_q' must end at the number of rows 9",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention_varlen(
+                *_qkv(9, 1, 16), *(torch.tensor([0, 2, 9], dtype=torch.int32),) * 2, 5, 7
+            ),
+            ValueError,
+            "max_seqlen 5 is smaller than the longest sequence 7",
+        ),
+        (
+            lambda: fastvl.ops.flash_attention_varlen(
+                *_qkv(9, 1, 16),
+                torch.tensor([0, 9], dtype=torch.int32),
+                torch.tensor([0, 4, 9], dtype=torch.int32),
+                9,
+                9,
+            ),
+            ValueError,
+            "'cu_seqlens_k' must have cu_seqlens_q's shape",
+        ),
+        (
+            lambda: fastvl.ops.roll_frame_offsets(7, 2, fraction=0.125),
+            ValueError,
+            "too small for fraction",
+        ),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_attention_module_dropout_and_masks():
+    torch.manual_seed(0)
+    m = fastvl.nn.Attention(32, num_heads=2, qkv_bias=True, attn_drop=0.5)
+    x = torch.randn(2, 7, 32)
+    m.eval()
+    y_eval = m(x)
+    m.train()
+    torch.manual_seed(3)
+    y1 = m(x)
+    torch.manual_seed(3)
+    y2 = m(x)
+    assert torch.equal(y1, y2) and not torch.allclose(y1, y_eval)  # dropout on the weights, seeded
+    y1.sum().backward()
+    assert m.qkv.weight.grad is not None
+    m.eval()
+    # timm Block's calling convention: an SDPA mask (True = attend) and is_causal
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.allclose(m(x, attn_mask=mask), m(x, is_causal=True), atol=1e-6)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[:, 5:] = True
+    assert torch.allclose(m(x, key_padding_mask=kpm), m(x, attn_mask=~kpm[:, None, None, :]), atol=1e-6)
+
+
+def test_opcheck_and_fake():
+    q, k, v = (torch.randn(2, 9, 2, 16, requires_grad=True) for _ in range(3))
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 4:] = True
+    args = (q, k, v, kpm, None, None, None, 0, 0, 1, 0.25, True, "reference")
+    torch.library.opcheck(torch.ops.fastvl.flash_attention.default, args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fq = torch.empty(6, 11, 3, 32)
+        out = fastvl.ops.flash_attention(fq, fq, fq, frame_offsets=torch.zeros(11, dtype=torch.int64), num_frames=3)
+        assert out.shape == (6, 11, 3, 32)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph():
+    m = fastvl.nn.Attention(32, num_heads=2, qkv_bias=True)
+    x = torch.randn(6, 11, 32)
+    kpm = torch.zeros(6, 11, dtype=torch.bool)
+    kpm[0, 7:] = True
+    off = fastvl.ops.roll_frame_offsets(11, 2, fraction=0.25)
+    eager = m(x, kpm, off, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x, kpm, off, 3), eager)
+
+
+# ---- the compiled (GPU) path without a GPU: ahead-of-time compile for sm_90 -----------------------
+
+_AOT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastvl.kernels.attention as A
+import fastvl.kernels.layer_norm as LN
+
+def build(fn, ptrs, constexprs, warps):
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr or name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps") else "i32")
+    opts = {"num_warps": warps, "num_stages": 3}
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=opts)
+
+bf = "*bf16"
+ptrs = dict(Q=bf, K=bf, V=bf, O=bf, DO=bf, DQ=bf, DK=bf, DV=bf, LSE="*fp32", DELTA="*fp32", KPM="*u8", SHIFT="*i32",
+            CU_Q="*i32", CU_K="*i32", X=bf, R=bf, W=bf, B=bf, Y=bf, HS=bf, MEAN="*fp32", RSTD="*fp32", DY=bf, DH=bf,
+            DX=bf, DW_PART="*fp32", DB_PART="*fp32", PART="*fp32", OUT=bf)
+every = dict(VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
+build(A._attn_fwd, ptrs, dict(every, BLOCK_M=128, BLOCK_N=64), 8)
+build(A._attn_fwd, ptrs, dict(every, VARLEN=True, ROLL=False, HAS_KPM=False, BLOCK_M=128, BLOCK_N=64), 8)
+build(A._attn_bwd_pre, ptrs, dict(VARLEN=False, ROLL=True, BLOCK_M=64, BLOCK_D=128), 4)
+build(A._attn_bwd_dkdv, ptrs, dict(every, BLOCK_M=32, BLOCK_N=128), 4)
+build(A._attn_bwd_dq, ptrs, dict(every, BLOCK_M=128, BLOCK_N=32), 4)
+build(LN._ln_fwd, ptrs, dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_R=4, BLOCK_C=1024), 4)
+build(LN._ln_bwd, ptrs, dict(HAS_DH=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=4, BLOCK_C=1024), 4)
+build(LN._col_sum, ptrs, dict(BLOCK_G=64, BLOCK_C=256), 4)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    # the interpreter never lowers the kernels; this compiles the bf16 attention (roll + padding + causal,
+    # and varlen) and layer-norm kernels to an H100 cubin with Triton's bundled ptxas, no GPU needed
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+# ---- GPU (lent H100): larger shapes, bf16, every backend against the fp32 reference ------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S", [197, 237, 629, 785, 1569])
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal,pad", [(False, False), (True, False), (False, True)])
+def test_gpu_triton_vs_reference(dtype, S, D, causal, pad):
+    N, H = 4, 12 if D <= 64 else 8
+    q, k, v = (torch.randn(N, S, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    kpm = (torch.rand(N, S, device="cuda") < 0.2) if pad else None
+    out = fastvl.ops.flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="triton")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = naive_attention(*leaves, D**-0.5, causal, kpm)
+    ref_grads = torch.autograd.grad(ref, leaves, g.double())
+    same_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    same = naive_attention(*same_leaves, D**-0.5, causal, kpm)
+    same_grads = torch.autograd.grad(same, same_leaves, g)
+    assert_close(out, ref, dtype, torch_same_dtype=same)
+    for a, r, s in zip(grads, ref_grads, same_grads):
+        assert_close(a, r, dtype, torch_same_dtype=s, name="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_gpu_deterministic_and_fp32(backend):
+    q, k, v = (torch.randn(8, 785, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    if backend == "sdpa":
+        with pytest.raises(BackendError, match="deterministic"):
+            fastvl.ops.flash_attention(q, k, v, deterministic=True, backend="sdpa")
+        return
+    runs = [
+        torch.autograd.grad(fastvl.ops.flash_attention(q, k, v, deterministic=True), (q, k, v), g) for _ in range(3)
+    ]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+    # fp32 inputs: tf32 dots when torch allows them (documented tolerance ~3e-4 relative), exact fp32 otherwise
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    ref = naive_attention(q32.double(), k32.double(), v32.double(), 64**-0.5)
+    assert_close(fastvl.ops.flash_attention(q32, k32, v32, backend="triton"), ref, torch.float32, rtol=1e-4, atol=1e-5)
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out = fastvl.ops.flash_attention(q32, k32, v32, backend="triton")
+        assert_close(out, ref, torch.float32, rtol=3e-3, atol=3e-4)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@pytest.mark.gpu
+def test_gpu_roll_varlen_and_flops_vs_sdpa():
+    T, B, text, L, H, D = 3, 8, 40, 197, 12, 64
+    S = text + L
+    q, k, v = (torch.randn(B * T, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    off = fastvl.ops.roll_frame_offsets(S, text, steps=2, device="cuda")
+    kpm = torch.zeros(B * T, S, dtype=torch.bool, device="cuda")
+    kpm[:, 30:text] = True
+    out = fastvl.ops.flash_attention(q, k, v, key_padding_mask=kpm, frame_offsets=off, num_frames=T, backend="triton")
+    ref = fastvl.ops.flash_attention(
+        q, k, v, key_padding_mask=kpm, frame_offsets=off, num_frames=T, backend="reference"
+    )
+    assert_close(out, ref.double(), torch.bfloat16)
+    lens = torch.randint(1, 1570, (16,))
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32).cuda()
+    qv = torch.randn(int(lens.sum()), H, D, device="cuda", dtype=torch.bfloat16)
+    a = fastvl.ops.flash_attention_varlen(
+        qv, qv, qv, cu, cu, int(lens.max()), int(lens.max()), causal=True, backend="triton"
+    )
+    b = fastvl.ops.flash_attention_varlen(
+        qv, qv, qv, cu, cu, int(lens.max()), int(lens.max()), causal=True, backend="reference"
+    )
+    assert_close(a, b.double(), torch.bfloat16)
+    # FLOPs: fastvl's fused path counts what torch counts for its fused SDPA on CUDA (fwd + bwd)
+    x = torch.randn(4, 197, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    counts = []
+    for fn in (
+        lambda t: fastvl.ops.flash_attention(t, t, t, backend="triton"),
+        lambda t: F.scaled_dot_product_attention(t.transpose(1, 2), t.transpose(1, 2), t.transpose(1, 2)),
+    ):
+        with FlopCounterMode(display=False) as m:
+            fn(x).sum().backward()
+        counts.append(m.get_total_flops())
+    assert counts[0] == counts[1]
