@@ -21,6 +21,8 @@ large ``x * log2 e`` is added to PyTorch's own.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -478,9 +480,15 @@ def _config(D: int) -> tuple[int, int, int, int]:
 
 
 def _max_programs(device: torch.device) -> int:
+    """Programs of the persistent forward (each owns a (programs, N) column-LSE slot): 2 per SM."""
     if INTERPRET or device.type != "cuda":
         return 2  # small, so the persistent loop is exercised under the interpreter
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_programs(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_programs(index: int) -> int:
+    return 2 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def lse_forward(

@@ -23,6 +23,9 @@ open_clip's, for every combination of options:
   with gradient); gradients as open_clip's (after DDP averaging: the global-batch gradients).
 ``MILNCELoss``: every rank returns the global-batch loss; gradients like ClipLoss with
   ``gather_with_grad=True``.
+The backward runs collectives too (the gather's reduce-scatter, the loss all-reduce, the scale's
+gradient average): every rank calls backward, as under DDP. A ring variant (passing feature blocks
+between ranks instead of all-gathering them) is not implemented.
 """
 
 from __future__ import annotations
