@@ -1,6 +1,8 @@
+
 """Models: the op contract they rely on (fastvl/models/_ops.py), tiny-config behaviour, backend equality,
 sizes and FLOPs pinned against the papers, bad input. Full-size models are built on the meta device."""
 
+import copy
 import io
 import math
 
@@ -12,7 +14,7 @@ import fastvl
 from fastvl import BackendError
 from fastvl.models import _ops, create_model, describe, example_batch, list_models, model_stats
 from fastvl.models.flops import count
-from fastvl.testing import kernel_backends, randn
+from fastvl.testing import assert_close, kernel_backends, randn
 
 TINY = ["allinone-tiny", "vatt-tiny", "vatt-ma-tiny", "mac-tiny"]
 HAS_TRITON = bool(kernel_backends("triton"))
@@ -270,8 +272,13 @@ def test_allinone_fused_rolling_equals_explicit():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("name", ["allinone-tiny:explicit", "allinone-tiny:fused", *TINY[1:]])
 def test_backends_give_equal_losses_and_gradients(name):
-    """The same weights and random state under use_backend('triton') and 'reference': token ops run their
-    Triton kernels (interpreted on the CPU), ops without one fall back; drop/mask subsets are injected.
+    """The same weights and random state under use_backend('triton') and 'reference': every op with a Triton
+    kernel runs it (interpreted on the CPU), drop/mask subsets are injected. Both fp32 runs are held against a
+    float64 run of the reference: the kernel path's error must stay within 2x PyTorch's own fp32 error
+    (flash-attn's rule) or within 1e-4 of each tensor's scale. The per-op 2x rule is enforced op by op in the
+    op tests; here errors compound through blocks and BN heads on tiny batches (fp32 gradients of these tiny
+    models are ill-conditioned), and what this test guards is the wiring: a wrong input, offset or mask
+    shows as an O(1) relative difference.
     All-in-one runs the roll kernel when explicit, roll-aware attention when fused."""
     name, _, rolling = name.partition(":")
     m = tiny(name, rolling=rolling) if rolling else tiny(name)
@@ -281,8 +288,21 @@ def test_backends_give_equal_losses_and_gradients(name):
         ref = losses_and_grads(m, batch, noise)
     with fastvl.use_backend("triton"):
         tri = losses_and_grads(m, batch, noise)
-    assert_same(ref[0], tri[0], what="losses")
-    assert_same(ref[1], tri[1], what="grads")
+    m64 = copy.deepcopy(m).double()
+    b64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+    with fastvl.use_backend("reference"):
+        r64 = losses_and_grads(m64, b64, noise)
+    for part in (0, 1):
+        for k in ref[part]:
+            scale = r64[part][k].abs().max().item()
+            assert_close(
+                tri[part][k],
+                r64[part][k],
+                torch.float32,
+                torch_same_dtype=ref[part][k],
+                atol=1e-4 * max(scale, 1e-3),
+                name=f"{name} {'loss' if part == 0 else 'grad'} {k}",
+            )
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
