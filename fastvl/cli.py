@@ -1,4 +1,4 @@
-"""``fastvl`` command line: info, demo, bench (later: pretrain, eval)."""
+"""``fastvl`` command line: pretrain, eval, info, demo, bench, data."""
 
 from __future__ import annotations
 

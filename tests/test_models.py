@@ -1,4 +1,3 @@
-
 """Models: the op contract they rely on (fastvl/models/_ops.py), tiny-config behaviour, backend equality,
 sizes and FLOPs pinned against the papers, bad input. Full-size models are built on the meta device."""
 
