@@ -354,11 +354,14 @@ def test_dispatch_reasons():
     q = torch.randn(2, 17, 2, 32)
     kpm = torch.zeros(2, 17, dtype=torch.bool)
     report = fastvl.explain(fastvl.ops.flash_attention, q, q, q, key_padding_mask=kpm)
-    assert "[chosen] reference" in report
+    assert "[chosen] sdpa" in report  # on the CPU: torch's fused CPU attention
     assert "flash_attn is not installed" in report and "xformers is not installed" in report
-    assert "sdpa" in report and "runs on CUDA tensors" in report
-    with pytest.raises(BackendError, match="backend 'sdpa' cannot serve.*q is on cpu"):
-        fastvl.ops.flash_attention(q, q, q, backend="sdpa")
+    # the CPU sdpa path declines what it cannot express, and the reference takes over
+    qh = q.half()
+    report = fastvl.explain(fastvl.ops.flash_attention, qh, qh, qh)
+    assert "[chosen] reference" in report and "q dtype torch.float16 on the CPU" in report
+    with pytest.raises(BackendError, match="backend 'sdpa' cannot serve.*causal with Sq=17 != Sk=5"):
+        fastvl.ops.flash_attention(q, q[:, :5], q[:, :5], causal=True, backend="sdpa")
     if KERNELS:
         with pytest.raises(BackendError, match="head dim D=160 > 128"):
             fastvl.ops.flash_attention(*(torch.randn(1, 4, 1, 160) for _ in range(3)), backend="triton")
@@ -367,11 +370,13 @@ def test_dispatch_reasons():
         # auto falls back to the reference for what the kernel cannot take
         out = fastvl.ops.flash_attention(*(torch.randn(1, 4, 1, 160) for _ in range(3)))
         assert out.shape == (1, 4, 1, 160)
-    off = torch.zeros(17, dtype=torch.int64)
+    # the GPU path's reasons, seen on meta tensors (not CPU ones: on the CPU sdpa takes offsets and is deterministic)
+    qm = q.to("meta")
+    off = torch.zeros(17, dtype=torch.int64, device="meta")
     sdpa = fastvl.backends._REGISTRY["flash_attention"]["sdpa"]
-    call = fastvl.ops.flash_attention.make_call(q, q, q, frame_offsets=off, num_frames=2, deterministic=True)
+    call = fastvl.ops.flash_attention.make_call(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True)
     why = " ".join(sdpa.reasons(call))
-    assert "frame_offsets" in why and "deterministic=True" in why
+    assert "frame_offsets" in why and "deterministic=True" in why and "runs on CUDA tensors" in why
 
 
 def _qkv(*shape, dtype=torch.float32):
@@ -679,3 +684,39 @@ def test_gpu_roll_varlen_and_flops_vs_sdpa():
             fn(x).sum().backward()
         counts.append(m.get_total_flops())
     assert counts[0] == counts[1]
+
+
+# ---- the sdpa backend's CPU path (torch's fused CPU attention) ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal,padded,offsets", [(False, False, False), (False, True, True), (True, False, True)])
+def test_cpu_sdpa_matches_reference(dtype, causal, padded, offsets):
+    """The CPU path auto picks (roll-aware offsets by gathering rows, key padding, fully padded rows give
+    zeros) against the reference, forward and backward, plus FLOP parity with fastvl's own op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    N, S, H, D, T = 6, 21, 3, 32, 3
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(N, S, H, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    kpm = None
+    if padded:
+        kpm = torch.rand(N, S, generator=g) < 0.3
+        kpm[2] = True  # a fully padded sequence
+    off = fastvl.ops.roll_frame_offsets(S, 4, fraction=0.25, steps=2) if offsets else None
+    kw = dict(causal=causal, key_padding_mask=kpm, frame_offsets=off, num_frames=T)
+    assert "[chosen] sdpa" in fastvl.explain(fastvl.ops.flash_attention, *base, **kw)
+    res = {}
+    for be in ("sdpa", "reference"):
+        ins = [t.clone().requires_grad_(True) for t in base]
+        with FlopCounterMode(display=False) as fc:
+            out = fastvl.ops.flash_attention(*ins, backend=be, **kw)
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape))
+        res[be] = (out.detach(), [t.grad for t in ins], fc.get_total_flops())
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res["sdpa"][0], res["reference"][0], **tol)
+    for a, b in zip(res["sdpa"][1], res["reference"][1]):
+        torch.testing.assert_close(a, b, **tol)
+    assert res["sdpa"][2] == res["reference"][2] > 0
+    if padded and not offsets:
+        assert res["sdpa"][0][2].abs().max() == 0
