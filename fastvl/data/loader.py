@@ -189,8 +189,11 @@ class Loader:
     in the epoch) and ``load_state_dict`` to continue from there with the same batches an uninterrupted run
     would have seen. ``len()`` is the number of batches per epoch on this rank."""
 
-    def __init__(self, dataset, batch_size: int, *, collate: Collate, sampler, train: bool, drop_last: bool, **dl):
+    def __init__(
+        self, dataset, batch_size: int, *, collate: Collate, sampler, train: bool, drop_last: bool, seed: int = 0, **dl
+    ):
         self.dataset, self.batch_size, self.collate, self.sampler = dataset, batch_size, collate, sampler
+        self.seed = seed
         self.tokenizer = collate.tokenizer
         self.train, self.drop_last = train, drop_last
         self._dl_kwargs = dl
@@ -252,12 +255,16 @@ class Loader:
         else:
             self.sampler.start = start * self.batch_size
             sampler = self.sampler
+        # the DataLoader's own generator: without one it draws its workers' base seed from the global RNG each
+        # time an iterator starts, so a run resumed mid-epoch would shift the model's random stream
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (1 << 63))
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=self.collate,
             drop_last=self.drop_last,
+            generator=g,
             **self._dl_kwargs,
         )
         self.batch = start
@@ -355,6 +362,7 @@ def build_loader(
         sampler=sampler,
         train=train,
         drop_last=drop_last,
+        seed=seed,
         **dl,
     )
     loader.set_epoch(epoch)

@@ -97,7 +97,9 @@ def count_forward_flops(model: torch.nn.Module, batch: dict) -> int:
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        # grad stays enabled: under no_grad a view of a parameter (an expanded CLS/AGG token) requires grad
+        # without a grad_fn, which FlopCounterMode's module tracker rejects; the graph is dropped right away
+        with FlopCounterMode(display=False) as fc:
             model(batch)
         return int(fc.get_total_flops())
     finally:  # counting must not perturb the run's random stream

@@ -22,8 +22,8 @@ from .loop import Components, TrainConfig, evaluate, train
 SYNTHETIC_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "allinone": (dict(img_size=32, patch_size=8, num_frames=3, max_text_len=16), dict()),
     "vatt": (
-        dict(img_size=32, patch_s=8, patch_t=4, num_frames=8, max_audio_tokens=62, max_text_len=16),
-        dict(audio=True, audio_rate=8000, audio_seconds=1.0, paraphrases=2),
+        dict(img_size=32, patch_s=8, patch_t=4, num_frames=8, max_audio_tokens=64, max_text_len=16),
+        dict(audio=True, audio_rate=8192, audio_seconds=1.0, paraphrases=2),  # 64 audio patches of 128
     ),
     "mac": (dict(img_size=32, patch_size=8, num_frames=4, max_text_len=16), dict()),
 }
