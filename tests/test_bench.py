@@ -21,12 +21,14 @@ from fastvl import backends
 from fastvl.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = ["bench", "--quick", "--max-cases", "2", "--rounds", "3", "--no-progress"]
+SMOKE = ["bench", "--quick", "--max-cases", "1", "--rounds", "3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One CLI run of every family at --quick sizes (2 cases per family, 3 timing rounds), results in tmp."""
+    """One CLI run of every family at --quick sizes, results in tmp: the first case of each family, 3 timing
+    rounds (cold compile caches, 2 quiet cores: ~30 s; two cases per family took ~41 s). Every case's providers,
+    bound and ops are checked without running them in test_families_follow_the_provider_convention."""
     root = tmp_path_factory.mktemp("results")
     out = root / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -93,7 +95,7 @@ def test_smoke_cases_measure_eager_compile_and_fastvl(smoke):
     for r in rows:
         if r["metric"] == "time_ms":
             per_case.setdefault(common.case_key(r), {})[r["provider"]] = r
-    assert len(per_case) == 2 * len(FAMILIES)
+    assert len(per_case) == len(FAMILIES)
     for provs in per_case.values():
         assert {"eager", "fastvl"} <= set(provs)
     summary = common.summarize(rows)  # one entry per case and fastvl provider
@@ -364,6 +366,23 @@ def test_plots_skip_without_matplotlib(monkeypatch, tmp_path):
     msg = suite.plot_family(rows, "fam", str(tmp_path / "fam.png"))
     assert msg and "matplotlib is not installed" in msg
     assert not (tmp_path / "fam.png").exists()
+
+
+def test_plot_series_are_told_apart_by_the_fewest_keys():
+    env = {**common.environment(), "device": "CPU (x)", "device_kind": "cpu"}
+
+    def r(S, shape, causal, padded, B=2):
+        cfg = {"shape": shape, "B": B, "S": S, "causal": causal, "padded": padded}
+        return common.row("attn", "fastvl", "fwd", "time_ms", "S", S, common.Stats(1.0, 0.9, 1.1), cfg, env, "f")
+
+    rows = [r(197, "quick", False, False), r(237, "quick", False, False)]
+    rows += [r(237, "quick-causal", True, False), r(237, "quick-padded", False, True)]
+    assert suite._series(rows) == (["shape"], True)  # shape names the series; causal / padded follow from it
+    rows += [r(237, "quick", False, False, B=4)]  # a second batch size of the same shape: B separates it too
+    assert suite._series(rows) == (["shape", "B"], True)
+    styles = suite.provider_styles(["eager", "fastvl", "fastvl-triton", "compile", "sdpa"])
+    assert styles["eager"][1] == "--" and styles["fastvl"][1] == styles["fastvl-triton"][1] == "-"
+    assert styles["compile"][1] == styles["sdpa"][1] == ":" and len({c for c, _ in styles.values()}) == 5
 
 
 def test_peak_memory_sees_an_allocation():
