@@ -1,20 +1,25 @@
-"""Attention: forward, backward and forward+backward, TFLOP/s (and % of peak) and GB/s.
+"""Attention: forward, backward and forward+backward, TFLOP/s (and % of the matmul peak) and GB/s.
 
-fastvl's Triton kernel against eager PyTorch attention (``softmax(q k^T * scale) v``, what the VidL codebases
-run), torch SDPA with each of its fused backends named (flash, cuDNN, memory-efficient), ``torch.compile`` of
-the eager code, and flash_attn when installed. Shapes: the VidL models (All-in-one-B: B*T=96 x 12 heads x 237
-tokens x 64; VATT-M with DropToken: 64 x 16 x 785 x 64; MAC: 64 x 12 x 197 x 64), the VidL lengths 197-1569
-at H=12 and D in {64, 128}, and a long-sequence sweep 512..16k (16k tokens per batch). FLOPs count
-4*B*H*S^2*D forward (half when causal) and 2.5x that backward, like torch's FlopCounter for fused SDPA.
+The ``attention`` family of the suite (compute-bound: % of limit is of the matmul peak). Providers: ``eager``
+(``softmax(q k^T * scale) v``, what the VidL codebases run), the peers ``compile`` (torch.compile of eager),
+torch SDPA with each fused backend pinned (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``; on the CPU
+``sdpa``, torch's own choice) and ``flash_attn`` when installed, and fastvl: ``fastvl`` (auto dispatch:
+it hands plain bf16 calls to flash_attn / SDPA, masked ones to its kernel) and ``fastvl-triton`` (fastvl's
+kernel named) on a GPU; on the CPU ``fastvl`` is the fp32 reference. Cases marked ``padded`` carry a key
+padding mask (All-in-one's padded text tokens): SDPA then leaves its flash kernel. Shapes: the VidL models
+(All-in-one-B: B*T=96 x 12 heads x 237 tokens x 64, also text-padded; VATT-M with DropToken: 64 x 16 x 785 x 64;
+MAC: 64 x 12 x 197 x 64), the VidL lengths 197-1569 at H=12 and D in {64, 128}, and a long-sequence sweep
+512..16k (16k tokens per batch). FLOPs count 4*B*H*S^2*D forward (half when causal) and 2.5x that backward,
+like torch's FlopCounter for fused SDPA.
 bf16 on a GPU; ``--quick`` runs small fp32 shapes on the CPU (a CPU run: never a GPU claim).
 
     python -m benchmarks.bench_attention [--quick] [--sweep] [--out results.json]
+    python -m benchmarks --ops attention [suite options]     (the same cases through the suite, no --sweep)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 
 import torch
@@ -27,12 +32,18 @@ try:
 except ImportError:  # run as a script
     from common import Case, default_results_dir, environment, run_case, write_rows
 
+FAMILY = "attention"
+OPS = ("flash_attention",)  # every case op (the suite skips this family for selections naming none)
 
-def eager_attention(q, k, v, causal=False):
-    """Eager PyTorch attention on (B, H, S, D): the code VidL repos ship (timm's non-fused path)."""
+
+def eager_attention(q, k, v, causal=False, kpm=None):
+    """Eager PyTorch attention on (B, H, S, D): the code VidL repos ship (timm's non-fused path).
+    ``kpm (B, S)`` bool, True = padded key (masked out)."""
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if kpm is not None:
+        s = s.masked_fill(kpm[:, None, None, :], float("-inf"))
     return s.softmax(-1) @ v
 
 
@@ -48,40 +59,53 @@ def _sdpa_backends() -> dict[str, object]:
     return out
 
 
-def _sdpa(backend):
-    from torch.nn.attention import sdpa_kernel
+def _sdpa(backend, causal, kpm):
+    """SDPA on (B, H, S, D), pinned to ``backend`` (None: torch's choice); a key padding mask becomes a boolean
+    attn_mask (True = attend)."""
+    mask = None if kpm is None else ~kpm[:, None, None, :]
 
-    def fn(q, k, v, causal=False):
-        with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    def fn(q, k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
     return fn
 
 
-def providers(causal: bool) -> dict[str, tuple[str, object]]:
-    """name -> (layout, fn(q, k, v)): layout 'bshd' (fastvl, flash_attn) or 'bhsd' (torch)."""
-    p: dict[str, tuple[str, object]] = {"eager": ("bhsd", lambda q, k, v: eager_attention(q, k, v, causal))}
+def providers(causal: bool, kpm: torch.Tensor | None = None) -> dict[str, tuple[str, object]]:
+    """name -> (layout, fn(q, k, v)): layout 'bshd' (fastvl, flash_attn) or 'bhsd' (torch). ``kpm (B, S)``:
+    key padding mask (True = ignore), given to every provider that can take one."""
+    p: dict[str, tuple[str, object]] = {"eager": ("bhsd", lambda q, k, v: eager_attention(q, k, v, causal, kpm))}
     try:
-        comp = torch.compile(lambda q, k, v: eager_attention(q, k, v, causal), dynamic=False)
+        comp = torch.compile(lambda q, k, v: eager_attention(q, k, v, causal, kpm), dynamic=False)
         p["compile"] = ("bhsd", comp)
     except Exception:  # torch.compile unavailable
         pass
     if torch.cuda.is_available():
         for name, b in _sdpa_backends().items():
-            p[name] = ("bhsd", lambda q, k, v, f=_sdpa(b): f(q, k, v, causal))
+            if kpm is not None and name == "sdpa-flash":
+                continue  # SDPA's flash kernel takes no mask
+            p[name] = ("bhsd", _sdpa(b, causal, kpm))
+        if kpm is None:
+            try:
+                from flash_attn import flash_attn_func
+
+                p["flash_attn"] = ("bshd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal))
+            except ImportError:
+                pass
+        else:
+            p["sdpa"] = ("bhsd", _sdpa(None, causal, kpm))  # torch's own pick for a masked call
         p["fastvl-triton"] = (
             "bshd",
-            lambda q, k, v: fastvl.ops.flash_attention(q, k, v, causal=causal, backend="triton"),
+            lambda q, k, v: fastvl.ops.flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="triton"),
         )
-        try:
-            from flash_attn import flash_attn_func
-
-            p["flash_attn"] = ("bshd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal))
-        except ImportError:
-            pass
     else:
-        p["sdpa"] = ("bhsd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        p["fastvl"] = ("bshd", lambda q, k, v: fastvl.ops.flash_attention(q, k, v, causal=causal))  # the reference
+        p["sdpa"] = ("bhsd", _sdpa(None, causal, kpm))
+    # auto: flash_attn / SDPA where they serve the call exactly, fastvl's kernel otherwise (the reference on a CPU)
+    p["fastvl"] = ("bshd", lambda q, k, v: fastvl.ops.flash_attention(q, k, v, causal=causal, key_padding_mask=kpm))
     return p
 
 
@@ -114,48 +138,70 @@ def _modes(fn, inputs):
 
 
 def shapes(quick: bool, sweep: bool):
-    """(name, B, H, S, D, causal) points."""
+    """(name, B, H, S, D, causal, padded) points; ``padded``: All-in-one's text padding as a key padding mask."""
     if quick:
-        return [("quick", 2, 2, S, 64, False) for S in (197, 237)] + [("quick-causal", 2, 2, 237, 64, True)]
+        out = [("quick", 2, 2, S, 64, False, False) for S in (197, 237)]
+        return out + [("quick-causal", 2, 2, 237, 64, True, False), ("quick-padded", 2, 2, 237, 64, False, True)]
     out = [
-        ("All-in-one-B", 96, 12, 237, 64, False),
-        ("VATT-M DropToken", 64, 16, 785, 64, False),
-        ("MAC", 64, 12, 197, 64, False),
+        ("All-in-one-B", 96, 12, 237, 64, False, False),
+        ("All-in-one-B padded", 96, 12, 237, 64, False, True),
+        ("VATT-M DropToken", 64, 16, 785, 64, False, False),
+        ("MAC", 64, 12, 197, 64, False, False),
     ]
     for D in (64, 128):
         H = 12 if D == 64 else 6
         for S in (197, 237, 629, 785, 1569):
-            out.append((f"VidL D={D}", max(1, 32768 // S), H, S, D, False))
+            out.append((f"VidL D={D}", max(1, 32768 // S), H, S, D, False, False))
     if sweep:
         for causal in (False, True):
             for D in (64, 128):
                 for S in (512, 1024, 2048, 4096, 8192, 16384):
-                    out.append(
-                        (f"long D={D}" + (" causal" if causal else ""), max(1, 16384 // S), 2048 // D, S, D, causal)
-                    )
+                    name = f"long D={D}" + (" causal" if causal else "")
+                    out.append((name, max(1, 16384 // S), 2048 // D, S, D, causal, False))
     return out
 
 
+def text_padding(B: int, S: int, device, text_len: int = 40) -> torch.Tensor:
+    """(B, S) bool key padding mask, True = padded: All-in-one's [text; video] stream, each sample's caption
+    8..text_len tokens long (drawn with a fixed seed), the rest of the text slots padded, video never."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, text_len + 1, (B,), generator=g)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[:, :text_len] = torch.arange(text_len)[None, :] >= lengths[:, None]
+    return kpm.to(device)
+
+
 def cases(quick: bool = False, sweep: bool = False):
+    """The family's cases (fwd, bwd, full per shape); FLOPs count the full S x S (padding not subtracted)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     esize = torch.finfo(dtype).bits // 8
-    for name, B, H, S, D, causal in shapes(quick, sweep):
+    for name, B, H, S, D, causal, padded in shapes(quick, sweep):
         base = [torch.randn(B, S, H, D, device=dev, dtype=dtype) for _ in range(3)]
+        kpm = text_padding(B, S, dev) if padded else None
         fl = 4 * B * H * S * S * D // (2 if causal else 1)
         tensor_bytes = B * S * H * D * esize
-        cfg = {"shape": name, "B": B, "H": H, "S": S, "D": D, "causal": causal, "dtype": str(dtype)}
+        cfg = {"shape": name, "B": B, "H": H, "S": S, "D": D, "causal": causal, "padded": padded, "dtype": str(dtype)}
         per_mode: dict[str, dict] = {"fwd": {}, "bwd": {}, "full": {}}
-        for prov, (layout, fn) in providers(causal).items():
+        for prov, (layout, fn) in providers(causal, kpm).items():
             ins = [t.detach().requires_grad_(True) for t in base]
             if layout == "bhsd":
                 ins = [t.detach().transpose(1, 2).requires_grad_(True) for t in base]
             fwd, bwd, full = _modes(fn, ins)
             per_mode["fwd"][prov], per_mode["bwd"][prov], per_mode["full"][prov] = fwd, bwd, full
         # minimal traffic: fwd q, k, v, o; bwd q, k, v, o, dO in and dq, dk, dv out
-        yield Case("flash_attention", "fwd", "S", S, per_mode["fwd"], dict(cfg), 4 * tensor_bytes, fl)
-        yield Case("flash_attention", "bwd", "S", S, per_mode["bwd"], dict(cfg), 8 * tensor_bytes, 5 * fl // 2)
-        yield Case("flash_attention", "full", "S", S, per_mode["full"], dict(cfg), 12 * tensor_bytes, 7 * fl // 2)
+        for mode, nbytes, flops in (("fwd", 4, fl), ("bwd", 8, 5 * fl // 2), ("full", 12, 7 * fl // 2)):
+            yield Case(
+                "flash_attention",
+                mode,
+                "S",
+                S,
+                per_mode[mode],
+                dict(cfg),
+                nbytes * tensor_bytes,
+                flops,
+                bound="compute",
+            )
 
 
 def flops_table(rows: list[dict]) -> str:
@@ -193,7 +239,7 @@ def main(argv=None) -> int:
         print(f"CPU run on {env['device']}: these are CPU timings, not GPU figures")
     rows = []
     for case in cases(args.quick, args.sweep):
-        new = run_case(case, env, memory=not args.quick)
+        new = run_case(case, env, memory=not args.quick, family=FAMILY)
         rows += new
         times = ", ".join(
             f"{r['provider']} {r['median']:.3g} ms ({r['config'].get('tflops', 0):.2f} TFLOP/s)"

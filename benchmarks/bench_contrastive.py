@@ -1,18 +1,22 @@
 """Contrastive losses (CLIP, SigLIP, MIL-NCE): loss + backward time and peak memory against the batch size.
 
-fastvl's ``chunked`` and ``triton`` backends against the eager losses the methods ship (open_clip's
-ClipLoss and SigLipLoss, VATT's MIL-NCE written the literal way, all materialising the B x B logits).
-B from 1k to 64k, D = 256 and 512, bf16 on a GPU (CUDA events, allocator peak). A provider that runs
-out of memory is reported in the row's ``errors``, not fatal.
+The ``contrastive`` family of the suite (compute-bound: % of limit is of the matmul peak; 6 B N D FLOPs per
+loss + backward). Providers: ``eager`` (the plain-PyTorch losses as the methods write them, materialising the
+B x N logits: ``fastvl.ops.contrastive.*_reference``, VATT's MIL-NCE the literal way), the peers ``compile``
+(torch.compile of eager) and ``open_clip`` (open_clip's ClipLoss / SigLipLoss forward at world_size=1, written
+out here: two logits matmuls for CLIP; open_clip has no MIL-NCE), and fastvl: ``fastvl`` (auto dispatch),
+``fastvl-chunked`` and, on a GPU, ``fastvl-triton``. B from 1k to 64k, D = 256 and 512, bf16 on a GPU (CUDA
+events, allocator peak). A provider that runs out of memory is reported in the row's ``errors``, not fatal.
 
     python -m benchmarks.bench_contrastive [--out results.json]      # GPU sweep
     python -m benchmarks.bench_contrastive --quick                   # CPU smoke run (small B)
     python -m benchmarks.bench_contrastive --memory-curve            # CPU: peak memory vs B, D=256
+    python -m benchmarks --ops contrastive [suite options]           # the same cases through the suite
 
 ``--memory-curve`` runs every (provider, B) point in a fresh Python process (the peak is the process's
-VmHWM above its baseline, so nothing freed by an earlier case can hide memory); eager stops at
-``--eager-max`` (default 16384: B=32768 would need ~20 GiB on a 24 GiB machine). CPU figures are CPU
-figures, never GPU claims.
+VmHWM above its baseline, so nothing freed by an earlier case can hide memory); ``open_clip`` (``eager`` for
+MIL-NCE) and ``fastvl-reference`` stop at ``--eager-max`` (default 16384: B=32768 would need ~20 GiB on a
+24 GiB machine). CPU figures are CPU figures, never GPU claims.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ try:
 except ImportError:  # run as a script
     from common import Case, environment, markdown_table, measure_peak_memory, row, run_case, write_rows
 
+FAMILY = "contrastive"
 LOSSES = ("clip", "siglip", "mil")
 P_TEXTS = 3  # MIL-NCE positives per clip (logits B x 3B)
 
@@ -56,9 +61,13 @@ def open_clip_siglip(a, b, s, bias):
 
 
 EAGER = {
+    "clip": lambda x, y, s: C.clip_loss_reference(x, y, s),
+    "siglip": lambda x, y, s: C.siglip_loss_reference(x, y, s, -10.0),
+    "mil": lambda x, y, s: C.mil_nce_loss_reference(x, y, s),
+}
+OPEN_CLIP = {
     "clip": lambda x, y, s: open_clip_loss(x, y, s),
     "siglip": lambda x, y, s: open_clip_siglip(x, y, s, -10.0),
-    "mil": lambda x, y, s: C.mil_nce_loss_reference(x, y, s),
 }
 FASTVL = {
     "clip": lambda x, y, s, be: fastvl.ops.clip_loss(x, y, s, backend=be),
@@ -66,6 +75,7 @@ FASTVL = {
     "mil": lambda x, y, s, be: fastvl.ops.mil_nce_loss(x, y, s, backend=be),
 }
 OP = {"clip": "clip_loss", "siglip": "siglip_loss", "mil": "mil_nce_loss"}
+OPS = tuple(OP.values())  # every case op (the suite skips this family for selections naming none)
 
 
 def inputs(loss: str, B: int, D: int, dtype: torch.dtype, dev: str):
@@ -87,35 +97,42 @@ def full_step(fn, a, b, s):
 
 
 def provider(loss: str, name: str):
+    """The loss function of provider ``name``: eager, compile, open_clip, fastvl (auto) or fastvl-<backend>."""
     if name == "eager":
         return EAGER[loss]
-    backend = name.split("-", 1)[1]
+    if name == "compile":
+        return torch.compile(EAGER[loss], dynamic=False)
+    if name == "open_clip":
+        return OPEN_CLIP[loss]
+    backend = name.split("-", 1)[1] if "-" in name else None
     return lambda x, y, s: FASTVL[loss](x, y, s, backend)
 
 
-def _fastvl_names() -> list[str]:
-    names = ["fastvl-chunked"]
+def provider_names(loss: str) -> list[str]:
+    names = ["eager", "compile"] + (["open_clip"] if loss in OPEN_CLIP else []) + ["fastvl", "fastvl-chunked"]
     if torch.cuda.is_available():
         names.append("fastvl-triton")
     return names
 
 
-def cases(quick: bool, losses, dims, sizes):
+def cases(quick: bool = False, losses=None, dims=None, sizes=None):
+    """(loss + backward) cases, B outermost then loss: the suite's ``--max-cases`` takes every loss at the
+    smallest B first."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    losses = list(losses or LOSSES)
     if quick:
         sizes, dims = sizes or [256, 1024], dims or [256]
     else:
         sizes, dims = sizes or [1024, 2048, 4096, 8192, 16384, 32768, 65536], dims or [256, 512]
-    for loss in losses:
-        for D in dims:
-            for B in sizes:
+    for D in dims:
+        for B in sizes:
+            for loss in losses:
                 a, b, s = inputs(loss, B, D, dtype, dev)
                 N = B * (P_TEXTS if loss == "mil" else 1)
-                names = ["eager"] + _fastvl_names()
-                provs = {n: full_step(provider(loss, n), a, b, s) for n in names}
+                provs = {n: full_step(provider(loss, n), a, b, s) for n in provider_names(loss)}
                 cfg = {"loss": loss, "D": D, "dtype": str(dtype), "N": N}
-                yield Case(OP[loss], "full", "B", B, provs, cfg, flops=6 * B * N * D)
+                yield Case(OP[loss], "full", "B", B, provs, cfg, flops=6 * B * N * D, bound="compute")
 
 
 # ---- CPU memory curve: one fresh process per point -----------------------------------------
@@ -141,7 +158,7 @@ def memory_curve(losses, D: int, sizes, eager_max: int, env) -> list[dict]:
     print(f"CPU memory curve on {env['device']} (fp32, D={D}, loss + backward; each point a fresh process)")
     print("| loss | provider | B | peak MiB | time (s, one call) |\n|---|---|---|---|---|")
     for loss in losses:
-        for name in ("fastvl-chunked", "fastvl-reference", "eager"):
+        for name in ("fastvl-chunked", "fastvl-reference", "open_clip" if loss in OPEN_CLIP else "eager"):
             for B in sizes:
                 if name != "fastvl-chunked" and B > eager_max:
                     print(f"| {loss} | {name} | {B} | skipped (> --eager-max {eager_max}) | |")
@@ -155,8 +172,8 @@ def memory_curve(losses, D: int, sizes, eager_max: int, env) -> list[dict]:
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 print(f"| {loss} | {name} | {B} | {r['peak_mb']:.0f} | {r['time_ms'] / 1e3:.2f} |")
                 cfg = {"loss": loss, "D": D, "dtype": "torch.float32", "process": "fresh"}
-                rows.append(row(OP[loss], name, "full", "memory_mb", "B", B, r["peak_mb"], cfg, env))
-                rows.append(row(OP[loss], name, "full", "time_ms", "B", B, r["time_ms"], cfg, env))
+                rows.append(row(OP[loss], name, "full", "memory_mb", "B", B, r["peak_mb"], cfg, env, FAMILY))
+                rows.append(row(OP[loss], name, "full", "time_ms", "B", B, r["time_ms"], cfg, env, FAMILY))
     return rows
 
 
@@ -186,7 +203,7 @@ def main(argv=None) -> int:
         losses = args.losses.split(",") if args.losses else list(LOSSES)
         rows = []
         for case in cases(args.quick, losses, ints(args.dims), ints(args.sizes)):
-            new = run_case(case, env, rounds=3 if env["device_kind"] == "cpu" else None)
+            new = run_case(case, env, rounds=3 if env["device_kind"] == "cpu" else None, family=FAMILY)
             rows += new
             summary = ", ".join(
                 f"{r['provider']} {r['median']:.3g} {'ms' if r['metric'] == 'time_ms' else 'MB'}"

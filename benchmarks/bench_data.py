@@ -4,6 +4,11 @@ Each case times a fixed amount of work (N clips, or N batches) and reports ms pe
 in this process with ``torch.set_num_threads(1)`` (a DataLoader worker's setting), so the figures are per
 worker: multiply by the workers you give the loader. On a machine without a GPU every figure is a CPU one.
 
+A standalone script, not a suite family (no ``FAMILY``; the suite skips it): it times host-side work of one
+provider (fastvl's pipeline; there is no eager baseline or peer to set it against), touches no registry op,
+needs mp4 files written to a temporary directory (PyAV and libx264), and its figures are per CPU worker even
+on a GPU machine, where suite rows would carry the GPU's name.
+
     python -m benchmarks.bench_data [--quick] [--out results.json]
 """
 

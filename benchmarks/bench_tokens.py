@@ -23,6 +23,8 @@ except ImportError:  # run as a script
     from common import Case
 
 FAMILY = "tokens"
+# every case op and covered op (the suite skips this family for selections naming none)
+OPS = ("temporal_token_roll", "drop_tokens", "random_masking", "gather_tokens", "draw_tokens", "scatter_tokens")
 
 
 # ---- the eager code the methods ship -------------------------------------------------------

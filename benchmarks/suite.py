@@ -3,7 +3,10 @@
 A *family module* is any ``benchmarks/bench_*.py`` exposing ``FAMILY: str`` and
 ``cases(quick: bool) -> Iterable[Case]``. A model family may also expose
 ``model_cases(names: list[str], quick: bool) -> Iterable[Case]`` (and ``MODELS``, the names it knows);
-``--models`` is routed to it. A module that fails to import is reported with its error, not fatal.
+``--models`` is routed to it. A family may declare ``OPS``, every op name its ``cases`` use (``case.op`` and
+``covers``): a selection by op name then skips the families that name none of them without building their
+cases (tests/test_bench.py holds ``OPS`` to what the cases use). A module that fails to import is reported
+with its error, not fatal.
 
     fastvl bench [--ops tokens,attention] [--models allinone-b] [--quick] [--limits] [--out DIR]
     python -m benchmarks ...   (same options)
@@ -41,6 +44,16 @@ class Family:
 
     def has_models(self) -> bool:
         return callable(getattr(self.module, "model_cases", None))
+
+    @property
+    def ops(self) -> frozenset[str] | None:
+        """The op names the family's cases use, when it declares them (``OPS``)."""
+        o = getattr(self.module, "OPS", None)
+        return frozenset(o) if o is not None else None
+
+    def may_match(self, names: set[str]) -> bool:
+        """Whether a selection by these family / op names can pick any of its cases."""
+        return self.name in names or self.ops is None or bool(self.ops & names)
 
 
 @dataclasses.dataclass
@@ -119,6 +132,9 @@ def case_ops(disc: Discovery) -> set[str]:
     """Every case op and covered op of every family (cases generated at --quick sizes, not run)."""
     names: set[str] = set()
     for fam in disc.families.values():
+        if fam.ops is not None:
+            names |= fam.ops
+            continue
         try:
             for case in fam.module.cases(True):
                 names |= {case.op, *case.covered_ops()}
@@ -156,7 +172,7 @@ def select_cases(
         n = 0
         gens: list[tuple[Iterable[Case], bool]] = []
         try:
-            if run_all or names:
+            if run_all or (names and fam.may_match(names)):
                 gens.append((fam.module.cases(quick), False))
             if models and fam.has_models():
                 known = fam.models
@@ -248,24 +264,67 @@ def results_markdown(rows: list[dict], lim: dict[str, Any], errors: dict[str, di
 
 
 def _series(rs: list[dict]) -> tuple[list[str], bool]:
-    """Config keys that separate lines of one (op, mode) panel (keys that x does not determine), and whether
-    x is numeric."""
+    """Config keys that separate lines of one (op, mode) panel, and whether x is numeric.
+
+    The keys are those x does not determine, reduced to a smallest set that still tells the lines apart
+    (named keys such as ``shape`` kept in preference to the numbers and flags they imply), so labels stay short.
+    """
     cfgs: dict[str, dict[str, set]] = {}
     for r in rs:
         for k, v in common.case_config(r["config"]).items():
             cfgs.setdefault(k, {}).setdefault(str(r["x_value"]), set()).add(json.dumps(v, default=str))
     keys = [k for k, per_x in cfgs.items() if any(len(vals) > 1 for vals in per_x.values())]
+
+    def distinct(ks: list[str]) -> int:
+        return len({tuple(json.dumps(r["config"].get(k), default=str) for k in ks) for r in rs})
+
+    n = distinct(keys)
+    named = {k for k in keys if all(isinstance(r["config"].get(k), str) for r in rs)}
+    for k in sorted(keys, key=lambda k: (k in named, -keys.index(k))):  # drop numbers and flags first
+        trial = [key for key in keys if key != k]
+        if distinct(trial) == n:
+            keys = trial
     numeric = all(isinstance(r["x_value"], (int, float)) and not isinstance(r["x_value"], bool) for r in rs)
     return keys, numeric
 
 
+FASTVL_COLORS = ("C0", "C2", "C9", "C4", "C6")
+PEER_COLORS = ("C1", "C3", "C5", "C8", "C7", "C6")
+MARKERS = "osv^D<>pP*"
+
+
+def provider_styles(providers: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """provider -> (colour, line style), stable within a plot: fastvl providers solid blues/greens, eager a
+    dashed dark grey line, peers dotted in warm colours (each group in name order)."""
+    provs = sorted(set(providers))
+    fast = [p for p in provs if common.is_fastvl(p)]
+    peers = [p for p in provs if common.is_peer(p)]
+    out = {p: (FASTVL_COLORS[i % len(FASTVL_COLORS)], "-") for i, p in enumerate(fast)}
+    out.update({p: (PEER_COLORS[i % len(PEER_COLORS)], ":") for i, p in enumerate(peers)})
+    if common.EAGER in provs:
+        out[common.EAGER] = ("0.25", "--")
+    return out
+
+
+def _legend_order(p: str) -> tuple:
+    return (not common.is_fastvl(p), p != common.EAGER, p)
+
+
 def plot_family(rows: list[dict], family: str, path: str) -> str | None:
-    """PNG of time and peak memory vs size for each (op, mode) of a family; returns a message if skipped."""
+    """PNG of time and peak memory vs size for each (op, mode) of a family; returns a message if skipped.
+
+    One row of panels per (op, mode): time (p20-p80 band shaded) and peak memory. Numeric sizes: colour and
+    line style per provider, marker per configuration series, log axes where values span a wide range.
+    Named sizes (models): grouped bars per provider, p20-p80 error bars. One legend per row, on the right.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return "matplotlib is not installed: plots skipped (pip install 'fastvl[bench]')"
     panels: dict[tuple[str, str], list[dict]] = {}
@@ -274,17 +333,17 @@ def plot_family(rows: list[dict], family: str, path: str) -> str | None:
             panels.setdefault((r["op"], r["mode"]), []).append(r)
     if not panels:
         return f"{family}: nothing to plot"
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    n = len(panels)
+    fig, axes = plt.subplots(n, 2, figsize=(14, 3.4 * n + 0.6), squeeze=False)
     kinds = {r["device_kind"] for r in rows}
     dev = "; ".join(sorted({r["device"] for r in rows}))
     fig.suptitle(f"fastvl bench: {family} on {dev}" + (" (CPU run: not GPU figures)" if "cpu" in kinds else ""))
-    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    provs = sorted({r["provider"] for r in rows}, key=lambda p: (not common.is_fastvl(p), p != common.EAGER, p))
-    color = {p: palette[i % len(palette)] for i, p in enumerate(provs)}
+    style = provider_styles(r["provider"] for r in rows)
     for i, ((op, mode), rs) in enumerate(panels.items()):
         keys, numeric = _series(rs)
         xs_all = sorted({r["x_value"] for r in rs}, key=lambda v: (str(type(v)), v))
         series = sorted({tuple(str(r["config"].get(k)) for k in keys) for r in rs})
+        provs = sorted({r["provider"] for r in rs}, key=_legend_order)
         for j, metric in enumerate(("time_ms", "memory_mb")):
             ax = axes[i][j]
             lines: dict[tuple[str, tuple], list[tuple]] = {}
@@ -294,31 +353,56 @@ def plot_family(rows: list[dict], family: str, path: str) -> str | None:
                 s = tuple(str(r["config"].get(k)) for k in keys)
                 x = r["x_value"] if numeric else xs_all.index(r["x_value"])
                 lines.setdefault((r["provider"], s), []).append((x, r["median"], r["p20"], r["p80"]))
-            for (prov, s), pts in sorted(lines.items()):
-                pts.sort()
-                x, y, lo, hi = zip(*pts)
-                extra = " ".join(f"{k}={v}" for k, v in zip(keys, s))
-                ax.plot(
-                    x,
-                    y,
-                    "-" if common.is_fastvl(prov) else "--",
-                    color=color[prov],
-                    marker="osv^D<>p"[series.index(s) % 8],
-                    label=prov + (f" [{extra}]" if extra else ""),
-                )
-                if metric == "time_ms":
-                    ax.fill_between(x, lo, hi, color=color[prov], alpha=0.12)
+            order = sorted(lines, key=lambda ps: (_legend_order(ps[0]), ps[1]))
+            width = 0.8 / max(1, len(order))
+            for k, (prov, s) in enumerate(order):
+                x, y, lo, hi = zip(*sorted(lines[(prov, s)]))
+                color, ls = style[prov]
+                if numeric:
+                    ax.plot(x, y, ls, color=color, marker=MARKERS[series.index(s) % len(MARKERS)], ms=5)
+                    if metric == "time_ms" and len(x) > 1:
+                        ax.fill_between(x, lo, hi, color=color, alpha=0.1)
+                    elif metric == "time_ms":
+                        ax.errorbar(x, y, yerr=[[y[0] - lo[0]], [hi[0] - y[0]]], color=color, capsize=2)
+                else:
+                    pos = [xi + (k - (len(order) - 1) / 2) * width for xi in x]
+                    err = None
+                    if metric == "time_ms":
+                        err = [[yi - li for yi, li in zip(y, lo)], [h - yi for yi, h in zip(y, hi)]]
+                    hatch = "//" if common.is_peer(prov) else None
+                    ax.bar(pos, y, width, yerr=err, color=color, alpha=0.85, hatch=hatch, capsize=2, ecolor="0.5")
+            values = [pt[1] for pts in lines.values() for pt in pts if pt[1] > 0]
             if numeric and len(xs_all) > 1 and max(xs_all) >= 4 * max(min(xs_all), 1e-12):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            if numeric and values and max(values) >= 20 * min(values):
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            if numeric and len(xs_all) <= 8:
+                ax.set_xticks(xs_all, [str(v) for v in xs_all])
             if not numeric:
                 ax.set_xticks(range(len(xs_all)), [str(v) for v in xs_all])
             ax.set_xlabel(rs[0]["x_name"])
             ax.set_ylabel("time (ms)" if metric == "time_ms" else "peak memory (MB)")
             ax.set_title(f"{op} {mode}: {'time' if metric == 'time_ms' else 'peak memory'}", fontsize=9)
             ax.grid(alpha=0.3)
-            if lines:
-                ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.2 * len(panels))))
+        handles = []
+        for prov in provs:
+            color, ls = style[prov]
+            if numeric:
+                handles.append(Line2D([], [], color=color, linestyle=ls, label=prov))
+            else:
+                handles.append(Patch(color=color, alpha=0.85, hatch="//" if common.is_peer(prov) else None, label=prov))
+        if numeric and len(series) > 1:
+            for idx, s in enumerate(series):
+                label = " ".join(f"{k}={v}" for k, v in zip(keys, s))
+                handles.append(
+                    Line2D([], [], color="0.4", linestyle="", marker=MARKERS[idx % len(MARKERS)], label=label)
+                )
+        axes[i][1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.4 * n + 0.6)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -425,7 +509,8 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
         for fam, case in select_cases(disc, ops, models, args.quick, args.max_cases):
             _say(
                 f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value} providers={','.join(case.providers)} "
-                f"covers={','.join(case.covered_ops())}"
+                f"covers={','.join(case.covered_ops())} bound={case.limit_kind()} "
+                f"[{common.config_text(common.case_config(case.config))}]"
             )
         cov, errs = coverage(disc, quick=True)
         for fam, e in errs.items():

@@ -21,12 +21,14 @@ from fastvl import backends
 from fastvl.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = ["bench", "--quick", "--max-cases", "2", "--rounds", "3", "--no-progress"]
+SMOKE = ["bench", "--quick", "--max-cases", "1", "--rounds", "3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One CLI run of every family at --quick sizes (2 cases per family, 3 timing rounds), results in tmp."""
+    """One CLI run of every family at --quick sizes, results in tmp: the first case of each family, 3 timing
+    rounds (cold compile caches, 2 quiet cores: ~30 s; two cases per family took ~41 s). Every case's providers,
+    bound and ops are checked without running them in test_families_follow_the_provider_convention."""
     root = tmp_path_factory.mktemp("results")
     out = root / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -76,25 +78,45 @@ def test_smoke_rows_schema(smoke):
             assert r["config"]["limits"] == "measured"
 
 
+FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "models"}
+BOUND = {
+    "tokens": "memory",
+    "layer_norm": "memory",
+    "attention": "compute",
+    "contrastive": "compute",
+    "models": "compute",
+}
+
+
 def test_smoke_cases_measure_eager_compile_and_fastvl(smoke):
     _, _, _, rows = smoke
+    assert {r["family"] for r in rows} == FAMILIES
     per_case = {}
     for r in rows:
         if r["metric"] == "time_ms":
             per_case.setdefault(common.case_key(r), {})[r["provider"]] = r
-    assert len(per_case) == 2 * len({r["family"] for r in rows})
+    assert len(per_case) == len(FAMILIES)
     for provs in per_case.values():
         assert {"eager", "fastvl"} <= set(provs)
-    summary = common.summarize(rows)
-    assert len(summary) == len(per_case)
+    summary = common.summarize(rows)  # one entry per case and fastvl provider
+    fastvl_rows = {(k, p) for k, provs in per_case.items() for p in provs if common.is_fastvl(p)}
+    assert {(common.case_key(s), s["provider"]) for s in summary} == fastvl_rows
     for s in summary:
         provs = per_case[common.case_key(s)]
+        mine = provs[s["provider"]]
         peers = {p: r["median"] for p, r in provs.items() if common.is_peer(p)}
-        assert "compile" in peers  # torch.compile of the eager code is a peer wherever it runs
-        assert s["best_peer"] == min(peers, key=peers.get)
-        assert s["vs_eager"] == pytest.approx(provs["eager"]["median"] / provs["fastvl"]["median"])
-        assert s["vs_best_peer"] == pytest.approx(peers[s["best_peer"]] / provs["fastvl"]["median"])
-        assert s["pct_limit"] is not None and s["memory_mb"] is not None
+        if s["family"] == "models":  # no peer implements these models; compile is left out (bench_models.py)
+            assert not peers and s["best_peer"] is None and s["vs_best_peer"] is None
+        else:
+            assert "compile" in peers  # torch.compile of the eager code is a peer wherever it runs
+            assert s["best_peer"] == min(peers, key=peers.get)
+            assert s["vs_best_peer"] == pytest.approx(peers[s["best_peer"]] / mine["median"])
+        assert s["vs_eager"] == pytest.approx(provs["eager"]["median"] / mine["median"])
+        assert s["bound"] == BOUND[s["family"]]
+        # % of limit: of the matmul peak for compute-bound families, of the copy bandwidth for memory-bound ones
+        lim = mine["config"]
+        want = lim["pct_peak_flops"] if s["bound"] == "compute" else lim["pct_bandwidth"]
+        assert s["pct_limit"] == want and s["pct_limit"] > 0 and s["memory_mb"] is not None
     mem = {(common.case_key(r), r["provider"]) for r in rows if r["metric"] == "memory_mb"}
     assert {(k, p) for k, provs in per_case.items() for p in provs} == mem
 
@@ -108,6 +130,40 @@ def test_every_registered_op_has_a_benchmark_case():
     assert not missing, (
         f"registered ops with no benchmark case: {missing}; add a Case (covers=...) to a benchmarks/bench_*.py family"
     )
+
+
+def test_families_follow_the_provider_convention():
+    """Every case of every family at --quick sizes (generated, not run): one eager baseline, fastvl providers,
+    the limit its % figure uses, and the ops it declares in OPS (what a selection by op name relies on)."""
+    disc = suite.discover("fastvl.benchmarks")
+    assert set(disc.families) == FAMILIES and "bench_data" in disc.skipped
+    for fam in disc.families.values():
+        gens = [fam.module.cases(True)]
+        if fam.has_models():
+            gens.append(fam.module.model_cases(list(fam.models), True))
+        n = 0
+        for case in (c for g in gens for c in g):
+            n += 1
+            names = set(case.providers)
+            assert "eager" in names and any(common.is_fastvl(p) for p in names), (fam.name, names)
+            assert case.limit_kind() == BOUND[fam.name], (fam.name, case.op)
+            assert case.flops if BOUND[fam.name] == "compute" else case.bytes_moved, (fam.name, case.op)
+            assert {case.op, *case.covered_ops()} <= fam.ops, (fam.name, case.op, case.covered_ops())
+            assert case.mode in common.MODES
+        assert n > 0, fam.name
+
+
+def test_model_family_takes_models_by_name(capsys, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["bench", "--quick", "--list", "--models", "allinone-b,allinone-s,mac-b", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": " in line and "=" in line]
+    assert [line.split(" providers")[0] for line in lines] == [
+        "models: train_step full model=allinone-tiny",  # allinone-b and -s share the tiny config: measured once
+        "models: train_step full model=mac-tiny",
+    ]
+    assert all("providers=eager,fastvl " in line and "bound=compute" in line for line in lines)
+    assert cli_main(["bench", "--quick", "--list", "--models", "allinone-xl", "--out", str(out)]) == 2
+    assert "unknown model(s) allinone-xl; known: allinone-b" in capsys.readouterr().out
 
 
 def test_module_entry_point_lists_cases(tmp_path, monkeypatch, capsys):
@@ -174,6 +230,15 @@ MODELS = """
                        "fastvl": lambda: time.sleep(0.001)}, {"model": name}, covers=())
 """
 
+DECLARED = """
+    FAMILY = "declared"
+    OPS = ("declared_op",)
+
+    def cases(quick):
+        raise RuntimeError("declared cases were built")
+        yield
+"""
+
 
 @pytest.fixture
 def toy_pkgs(tmp_path, monkeypatch):
@@ -194,7 +259,9 @@ def toy_pkgs(tmp_path, monkeypatch):
             "bench_badcases.py": "FAMILY = 'bad'\n\ndef cases(quick):\n    raise ValueError('bad shapes')\n    yield\n",
         },
     )
-    models = _write_pkg(tmp_path, "toybench_models", {"bench_toy.py": TOY, "bench_models.py": MODELS})
+    models = _write_pkg(
+        tmp_path, "toybench_models", {"bench_toy.py": TOY, "bench_models.py": MODELS, "bench_declared.py": DECLARED}
+    )
     yield plain, models
     common.set_limits(None)
     for name in list(sys.modules):
@@ -237,6 +304,16 @@ def test_models_are_routed_to_the_model_family(toy_pkgs, tmp_path, capsys):
     assert _run(models, "--models", "toy-b", "--out", str(out), "--no-memory") == 0
     rows = json.loads((out / "results.json").read_text())
     assert {(r["family"], r["op"], r["x_value"]) for r in rows} == {("toymodels", "model_step", "toy-b")}
+
+
+def test_selection_skips_families_whose_ops_do_not_match(toy_pkgs, tmp_path, capsys):
+    _, models = toy_pkgs
+    assert _run(models, "--ops", "toy_op", "--out", str(tmp_path / "a"), "--no-memory") == 0
+    assert "declared cases were built" not in capsys.readouterr().out  # OPS names no toy_op: never built
+    assert _run(models, "--ops", "declared_op", "--out", str(tmp_path / "b")) == 2
+    assert (
+        "family declared: its cases failed, skipped: RuntimeError: declared cases were built" in capsys.readouterr().out
+    )
 
 
 def test_selection_by_op_and_merge_of_reruns(toy_pkgs, tmp_path):
@@ -289,6 +366,23 @@ def test_plots_skip_without_matplotlib(monkeypatch, tmp_path):
     msg = suite.plot_family(rows, "fam", str(tmp_path / "fam.png"))
     assert msg and "matplotlib is not installed" in msg
     assert not (tmp_path / "fam.png").exists()
+
+
+def test_plot_series_are_told_apart_by_the_fewest_keys():
+    env = {**common.environment(), "device": "CPU (x)", "device_kind": "cpu"}
+
+    def r(S, shape, causal, padded, B=2):
+        cfg = {"shape": shape, "B": B, "S": S, "causal": causal, "padded": padded}
+        return common.row("attn", "fastvl", "fwd", "time_ms", "S", S, common.Stats(1.0, 0.9, 1.1), cfg, env, "f")
+
+    rows = [r(197, "quick", False, False), r(237, "quick", False, False)]
+    rows += [r(237, "quick-causal", True, False), r(237, "quick-padded", False, True)]
+    assert suite._series(rows) == (["shape"], True)  # shape names the series; causal / padded follow from it
+    rows += [r(237, "quick", False, False, B=4)]  # a second batch size of the same shape: B separates it too
+    assert suite._series(rows) == (["shape", "B"], True)
+    styles = suite.provider_styles(["eager", "fastvl", "fastvl-triton", "compile", "sdpa"])
+    assert styles["eager"][1] == "--" and styles["fastvl"][1] == styles["fastvl-triton"][1] == "-"
+    assert styles["compile"][1] == styles["sdpa"][1] == ":" and len({c for c, _ in styles.values()}) == 5
 
 
 def test_peak_memory_sees_an_allocation():
@@ -439,3 +533,43 @@ def test_gpu_timing_path_interleaves_do_bench_passes(monkeypatch):
     assert all(s[2] == pytest.approx(common.GPU_REP_MS / common.GPU_PASSES) and s[3] == "all" for s in seen)
     assert stats["a"].median == 2.0 and stats["b"].median == 5.0  # pooled over the passes
     assert stats["a"].p20 == pytest.approx(common.quantile([1.0, 2.0, 3.0] * common.GPU_PASSES, 0.2))
+
+
+# ---- on a GPU (skipped on the CPU): the providers each family measures there, and a real run ---------------
+
+
+@pytest.mark.gpu
+def test_gpu_families_name_fastvl_kernels_and_peers():
+    fams = suite.discover("fastvl.benchmarks").families
+    att = list(fams["attention"].module.cases(True))
+    plain = next(c for c in att if not c.config["padded"])
+    assert {"eager", "compile", "sdpa-flash", "sdpa-efficient", "fastvl", "fastvl-triton"} <= set(plain.providers)
+    padded = next(c for c in att if c.config["padded"])
+    assert "sdpa-flash" not in padded.providers and {"sdpa", "fastvl", "fastvl-triton"} <= set(padded.providers)
+    ln = next(iter(fams["layer_norm"].module.cases(True)))
+    assert {"eager", "compile", "fastvl", "fastvl-triton"} <= set(ln.providers)
+    for case in fams["contrastive"].module.cases(True):
+        assert {"eager", "compile", "fastvl", "fastvl-chunked", "fastvl-triton"} <= set(case.providers)
+        assert case.config["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.gpu
+def test_gpu_run_measures_fastvl_kernels_without_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVL_BENCH_RESULTS", str(tmp_path))
+    common.set_limits(None)
+    try:
+        argv = ["bench", "--quick", "--ops", "attention,layer_norm,contrastive", "--max-cases", "3", "--no-progress"]
+        assert cli_main([*argv, "--out", str(tmp_path / "run")]) == 0
+    finally:
+        common.set_limits(None)
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {r["device_kind"] for r in rows} == {"cuda"}
+    times = [r for r in rows if r["metric"] == "time_ms"]
+    for r in times:
+        assert not any(common.is_fastvl(p) for p in r["config"].get("errors", {})), r["config"]["errors"]
+    provs = {(r["family"], r["provider"]) for r in times}
+    for fam in ("attention", "layer_norm", "contrastive"):
+        assert (fam, "fastvl-triton") in provs and (fam, "eager") in provs
+    assert ("attention", "sdpa-flash") in provs
+    for s in common.summarize(rows):
+        assert s["pct_limit"] is not None and 0 < s["pct_limit"] < 150, s  # a unit slip would be off by 1000x
