@@ -103,8 +103,14 @@ def test_backend_reasons_and_bad_input():
         fastvl.ops.layer_norm(torch.randn(4, 8), torch.ones(7), None)
     with pytest.raises(ValueError, match="'residual' must have x's shape"):
         fastvl.ops.layer_norm(torch.randn(4, 8), None, None, 1e-6, torch.randn(4, 9))
-    with pytest.raises(TypeError, match="'residual' must have x's dtype torch.float32, got torch.float16"):
-        fastvl.ops.layer_norm(torch.randn(4, 8), None, None, 1e-6, torch.randn(4, 8).half())
+    # mixed dtypes promote like eager x + residual (a bf16 branch on an fp32 residual stream under autocast)
+    xb, rf = torch.randn(4, 8).bfloat16().requires_grad_(True), torch.randn(4, 8, requires_grad=True)
+    y, h = fastvl.ops.layer_norm(xb, None, None, 1e-6, rf)
+    assert y.dtype == h.dtype == torch.float32
+    torch.testing.assert_close(h, xb.float() + rf)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(xb.float() + rf, (8,), eps=1e-6))
+    (y.sum() + h.sum()).backward()
+    assert xb.grad.dtype == torch.bfloat16 and rf.grad.dtype == torch.float32
     with pytest.raises(ValueError, match="'eps' must be in"):
         fastvl.ops.layer_norm(torch.randn(4, 8), None, None, -1.0)
     with pytest.raises(TypeError, match="'x' must have dtype"):

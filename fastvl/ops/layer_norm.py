@@ -218,8 +218,6 @@ def _check(x, weight, bias, eps, residual):
             raise ValueError(
                 f"{OP}: argument 'residual' must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
             )
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{OP}: argument 'residual' must have x's dtype {x.dtype}, got {residual.dtype}")
     eps = V.number(OP, "eps", eps, lo=0.0, hi=float("inf"), lo_open=False, hi_open=True)
     V.same_device(OP, x=x, weight=weight, bias=bias, residual=residual)
     return eps
@@ -227,6 +225,9 @@ def _check(x, weight, bias, eps, residual):
 
 def _make_call(x, weight, bias, eps=1e-6, residual=None, **_) -> Call:
     eps = _check(x, weight, bias, eps, residual)
+    if residual is not None and residual.dtype != x.dtype:
+        dt = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dt), residual.to(dt)
     return _call(x.reshape(-1, x.shape[-1]), weight, bias, residual, eps)
 
 
@@ -242,11 +243,15 @@ def layer_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim of ``x (..., C)`` (fp16/bf16/fp32, any strides), statistics in fp32.
 
-    ``weight``/``bias`` ``(C,)`` or None. Returns ``y`` in x's dtype; with ``residual`` (x's shape and
-    dtype) returns ``(y, h)`` where ``h = x + residual`` and ``y = LayerNorm(h)`` (pre-norm blocks: h is
-    the next residual stream). Gradients flow to x, residual, weight and bias.
+    ``weight``/``bias`` ``(C,)`` or None. Returns ``y`` in x's dtype; with ``residual`` (x's shape) returns
+    ``(y, h)`` where ``h = x + residual`` and ``y = LayerNorm(h)`` (pre-norm blocks: h is the next residual
+    stream). Like eager ``x + residual``, mixed dtypes promote (under autocast a bf16 branch output added to an
+    fp32 residual stream keeps the stream, and y, in fp32). Gradients flow to x, residual, weight and bias.
     """
     eps = _check(x, weight, bias, eps, residual)
+    if residual is not None and residual.dtype != x.dtype:
+        dt = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dt), residual.to(dt)
     C = x.shape[-1]
     request, _ = backends.resolve_request(OP, backend)
     r2 = residual.reshape(-1, C) if residual is not None else None
