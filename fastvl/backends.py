@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -262,16 +261,15 @@ def _explain_one(call: Call, backend: str | None) -> str:
 # ---- shared checks -------------------------------------------------------------------------
 
 
-@functools.cache
-def _module_reasons_cached(module: str, what: str) -> tuple[str, ...]:
-    if importlib.util.find_spec(module) is None:
-        return (f"{what} is not installed",)
-    return ()
+_AVAILABLE: dict[str, tuple[str, ...]] = {}  # module -> reasons, checked once per process
 
 
 def _module_reasons(module: str, what: str) -> list[str]:
     """[] if ``module`` can be imported (checked once per process), else the reason."""
-    return list(_module_reasons_cached(module, what))
+    r = _AVAILABLE.get(module)
+    if r is None:
+        r = _AVAILABLE[module] = () if importlib.util.find_spec(module) is not None else (f"{what} is not installed",)
+    return list(r)
 
 
 def triton_available() -> list[str]:
