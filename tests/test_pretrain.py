@@ -169,3 +169,18 @@ def test_two_gloo_ranks_equal_one_process_with_the_global_batch(tmp_path):
     assert sorted(one) == sorted(ddp) == [1, 2, 3]
     for s in one:
         assert abs(one[s] - ddp[s]) < 1e-5, (one, ddp)
+
+
+@pytest.mark.slow
+def test_cli_compile_matches_eager(tmp_path, monkeypatch):
+    """--compile (torch.compile of the whole model: fastvl ops are custom ops with fakes) trains like eager.
+    fallback_random: compiled code draws All-in-one's MLM masks and VTM negatives with eager's RNG."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    common = ["--model", "allinone-tiny", "--steps", "2", "--no-eval", *SMALL]
+    assert cli(["pretrain", *common, "--out", str(tmp_path / "eager")]) == 0
+    assert cli(["pretrain", *common, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    e, c = losses(str(tmp_path / "eager")), losses(str(tmp_path / "compiled"))
+    for s in (1, 2):
+        assert abs(e[s]["loss"] - c[s]["loss"]) < 1e-4 * abs(e[s]["loss"]), (e[s]["loss"], c[s]["loss"])
