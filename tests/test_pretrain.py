@@ -41,6 +41,9 @@ def test_cli_pretrain_and_eval_synthetic(tmp_path, model, capsys):
     assert rec[1]["fwd_gflops_per_step"] > 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["eval"]["n"] == 24 and "chance" in summary["eval"]
+    probe = summary["eval"]["attributes"]
+    assert sorted(probe) == ["colour", "motion", "shape"] and probe["motion"]["chance"] == pytest.approx(100 / 6)
+    assert "caption variant picked" in printed
     assert cli(["eval", out]) == 0
     assert "zero-shot retrieval on 24 held-out clips" in capsys.readouterr().out
 

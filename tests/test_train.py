@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastvl.train import checkpoint as ckpt
-from fastvl.train.evaluate import chance_levels, retrieval_metrics
+from fastvl.train.evaluate import attribute_accuracy, chance_levels, retrieval_metrics
 from fastvl.train.loop import Components, NonFiniteLoss, TrainConfig, train
 
 N_LABELS, T, HW, LT = 8, 2, 4, 5
@@ -184,6 +184,26 @@ def test_retrieval_metrics_hand_cases():
     t = torch.eye(4)[[1, 0, 2, 3]]
     assert retrieval_metrics(v, t)["t2v"]["R@1"] == 50.0
     assert retrieval_metrics(v, t, torch.tensor([0, 0, 1, 2]))["t2v"]["R@1"] == 100.0
+
+
+def test_attribute_accuracy_hand_cases():
+    # 3 colours x 2 motions = 6 labels, label = colour * 2 + motion
+    attrs = {"colour": torch.tensor([0, 0, 1, 1, 2, 2]), "motion": torch.tensor([0, 1, 0, 1, 0, 1])}
+    text = torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 3, 0])
+    m = attribute_accuracy(text[labels], labels, text, attrs)  # a clip's embedding is its own caption's
+    assert m["colour"] == {"acc": 100.0, "chance": pytest.approx(100 / 3), "n": 8}
+    assert m["motion"]["acc"] == 100.0 and m["motion"]["chance"] == 50.0
+    # a clip that sees colour but not motion: the same embedding for both motions of a colour
+    colour_only = torch.nn.functional.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1)
+    text2 = colour_only[attrs["colour"]]
+    m = attribute_accuracy(text2[labels], labels, text2, attrs)
+    assert m["colour"]["acc"] == 100.0 and m["motion"]["acc"] == 0.0  # ties count against the clip
+    # wrong motion on clips 0 and 1 only (swap the two motion captions of colour 0)
+    v = text[labels].clone()
+    v[0], v[1] = text[1], text[0]
+    m = attribute_accuracy(v, labels, text, attrs)
+    assert m["motion"]["acc"] == pytest.approx(100 * 6 / 8)  # clips 0 and 1 now pick the other motion
 
 
 def test_chance_levels_exact():

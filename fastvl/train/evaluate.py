@@ -82,6 +82,38 @@ def retrieval_metrics(
     return res
 
 
+def attribute_accuracy(
+    video: torch.Tensor, labels: torch.Tensor, label_text: torch.Tensor, attributes: dict[str, torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """Which caption variant does each clip pick? For every attribute (e.g. motion), a clip is shown the
+    captions of the labels that differ from its own in that attribute only and counts as correct when its
+    own caption scores strictly highest (ties count against it, so a constant embedding scores 0).
+
+    video (N, D) L2-normalised clip embeddings, labels (N,) their label ids, label_text (NL, D) the
+    embedding of each label's canonical caption, attributes {name: (NL,) value index of every label}.
+    Returns {name: {"acc": %, "chance": %, "n": N}}; chance is 1 / (number of values).
+    """
+    sim = video.float().cpu() @ label_text.float().cpu().T  # (N, NL)
+    labels = labels.cpu().long()
+    own = sim.gather(1, labels[:, None])  # (N, 1)
+    out = {}
+    for name, values in attributes.items():
+        values = values.cpu().long()
+        same_rest = torch.ones(sim.shape, dtype=torch.bool)
+        for other, ov in attributes.items():
+            if other != name:
+                ov = ov.cpu().long()
+                same_rest &= ov[labels][:, None] == ov[None, :]
+        rivals = same_rest & (values[labels][:, None] != values[None, :])
+        beaten = (rivals & (sim >= own)).any(dim=1)
+        out[name] = {
+            "acc": 100.0 * (~beaten).float().mean().item(),
+            "chance": 100.0 / int(values.unique().numel()),
+            "n": int(video.shape[0]),
+        }
+    return out
+
+
 def format_metrics(m: dict) -> str:
     """Table lines: each figure beside the chance level for the split's size."""
     ch = m["chance"]
@@ -90,4 +122,7 @@ def format_metrics(m: dict) -> str:
         parts = [f"{k} {m[d][k]:5.1f} [{ch[k]:4.1f}]" for k in m[d] if k.startswith("R@")]
         parts.append(f"MdR {m[d]['MdR']:.0f} [{ch['MdR']:.0f}]")
         lines.append(f"  {'text->video' if d == 't2v' else 'video->text'}: " + "  ".join(parts))
+    if m.get("attributes"):
+        parts = [f"{k} {v['acc']:5.1f} [{v['chance']:4.1f}]" for k, v in m["attributes"].items()]
+        lines.append("  caption variant picked (same clip, one attribute changed): " + "  ".join(parts))
     return "\n".join(lines)

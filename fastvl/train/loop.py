@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .evaluate import format_metrics, retrieval_metrics
+from .evaluate import attribute_accuracy, format_metrics, retrieval_metrics
 from .schedule import param_groups, warmup_cosine
 
 
@@ -72,6 +72,9 @@ class Components:
     eval_batches: Callable[[], Iterator[dict]] | None = None
     samples_per_batch: int = 1
     describe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # () -> (text_ids (NL, Lt), text_mask (NL, Lt), {attribute: (NL,) value index}) for label ids 0..NL-1:
+    # the canonical caption of every label, for the attribute probe (synthetic data only)
+    label_captions: Callable[[], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -288,7 +291,7 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig, D.DistInfo], Component
         "total_fwd_pflops": flops_step * total / 1e15 if flops_step else None,
     }
     if cfg.eval and comp.eval_batches is not None:
-        m = evaluate(raw_model, comp.eval_batches, info, autocast)
+        m = evaluate(raw_model, comp.eval_batches, info, autocast, comp.label_captions)
         if info.is_main:
             summary["eval"] = m
             log.write(json.dumps({"step": total, "eval": m}) + "\n")
@@ -323,8 +326,11 @@ def _save(cfg, info, run_dir, step, model, optimizer, scheduler, skipped, consum
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, eval_batches, info: D.DistInfo, autocast=contextlib.nullcontext) -> dict:
-    """Zero-shot retrieval on the held-out batches (rank 0 evaluates; other ranks wait)."""
+def evaluate(
+    model: torch.nn.Module, eval_batches, info: D.DistInfo, autocast=contextlib.nullcontext, label_captions=None
+) -> dict:
+    """Zero-shot retrieval on the held-out batches (rank 0 evaluates; other ranks wait), plus the attribute
+    probe (:func:`~fastvl.train.evaluate.attribute_accuracy`) when ``label_captions`` is given."""
     result = {}
     if info.is_main:
         was = model.training
@@ -337,6 +343,14 @@ def evaluate(model: torch.nn.Module, eval_batches, info: D.DistInfo, autocast=co
                 txts.append(model.encode_text(batch["text_ids"], batch["text_mask"]).float().cpu())
             labels.append(batch["label"].cpu())
         result = retrieval_metrics(torch.cat(vids), torch.cat(txts), torch.cat(labels))
+        if label_captions is not None:
+            ids, mask, attrs = label_captions()
+            with autocast():
+                lt = [
+                    model.encode_text(ids[s : s + 256].to(info.device), mask[s : s + 256].to(info.device)).float().cpu()
+                    for s in range(0, ids.shape[0], 256)
+                ]
+            result["attributes"] = attribute_accuracy(torch.cat(vids), torch.cat(labels), torch.cat(lt), attrs)
         model.train(was)
     if info.enabled:
         import torch.distributed as dist

@@ -72,6 +72,7 @@ def _text_len(model) -> int:
 def build(cfg: TrainConfig, info: D.DistInfo) -> Components:
     """Tokenizer, model and loaders for ``cfg`` on this rank."""
     from fastvl.data import Tokenizer, build_loader, open_dataset
+    from fastvl.data.synthetic import SyntheticVideoText
     from fastvl.models import create_model
 
     overrides, data_kw = plan(cfg)
@@ -142,6 +143,19 @@ def build(cfg: TrainConfig, info: D.DistInfo) -> Components:
             )
         )
 
+    label_captions = None
+    if isinstance(train_ds, SyntheticVideoText):
+
+        def label_captions():
+            c = train_ds.config
+            names = [train_ds.decode_label(lab) for lab in range(c.num_labels)]
+            ids, mask = tok.encode([train_ds.captions_for(lab)[0] for lab in range(c.num_labels)], max_len=text_len)
+            attrs = {
+                attr: torch.tensor([vals.index(n[i]) for n in names])
+                for i, (attr, vals) in enumerate((("colour", c.colors), ("shape", c.shapes), ("motion", c.motions)))
+            }
+            return ids, mask, attrs
+
     describe = {
         "model_overrides": overrides,
         "data_kwargs": data_kw,
@@ -159,7 +173,7 @@ def build(cfg: TrainConfig, info: D.DistInfo) -> Components:
             f"tokens, vocab {tok.vocab_size}; data {cfg.data!r}: {len(train_ds)} training clips, "
             f"{len(loader)} batches of {cfg.batch_size} per epoch per rank, world size {info.world_size}"
         )
-    return Components(model, make_loader, len(loader), eval_batches, cfg.batch_size, describe)
+    return Components(model, make_loader, len(loader), eval_batches, cfg.batch_size, describe, label_captions)
 
 
 def fam_has_audio(model: str) -> bool:
@@ -307,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     info = D.DistInfo(device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     comp = build(cfg, info)
     ckpt.load(path, comp.model, restore_rng=False)
-    m = evaluate(comp.model.to(info.device), comp.eval_batches, info)
+    m = evaluate(comp.model.to(info.device), comp.eval_batches, info, label_captions=comp.label_captions)
     print(f"checkpoint {path}")
     print(format_metrics(m))
     return 0
