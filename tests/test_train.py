@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastvl.train import checkpoint as ckpt
-from fastvl.train.evaluate import attribute_accuracy, chance_levels, retrieval_metrics
+from fastvl.train.evaluate import attribute_accuracy, chance_levels, pair_attribute_accuracy, retrieval_metrics
 from fastvl.train.loop import Components, NonFiniteLoss, TrainConfig, train
 
 N_LABELS, T, HW, LT = 8, 2, 4, 5
@@ -204,6 +204,27 @@ def test_attribute_accuracy_hand_cases():
     v[0], v[1] = text[1], text[0]
     m = attribute_accuracy(v, labels, text, attrs)
     assert m["motion"]["acc"] == pytest.approx(100 * 6 / 8)  # clips 0 and 1 now pick the other motion
+
+
+def test_pair_attribute_accuracy_equals_embedding_probe():
+    # 3 colours x 2 shapes x 4 motions; a pair scorer that is a dot product must give the embedding probe
+    c, sh, mo = torch.meshgrid(torch.arange(3), torch.arange(2), torch.arange(4), indexing="ij")
+    attrs = {"colour": c.flatten(), "shape": sh.flatten(), "motion": mo.flatten(), "constant": torch.zeros(24)}
+    text = torch.nn.functional.normalize(torch.randn(24, 16, dtype=torch.float64), dim=-1)
+    labels = torch.randint(24, (50,))
+    video = torch.nn.functional.normalize(text[labels] + 0.4 * torch.randn(50, 16, dtype=torch.float64), dim=-1)
+    ids, mask = torch.arange(24)[:, None], torch.ones(24, 1, dtype=torch.bool)
+    calls = []
+
+    def score(v, i, m):
+        calls.append(len(v))
+        return (v * text[i[:, 0]]).sum(-1)
+
+    a = attribute_accuracy(video, labels, text, attrs)
+    p = pair_attribute_accuracy(score, video, labels, ids, mask, attrs, ("colour", "shape", "motion", "constant"), 7)
+    assert sorted(a) == sorted(p) == ["colour", "motion", "shape"]  # a constant attribute is not reported
+    assert a == p and 0 < a["motion"]["acc"] < 100 and a["motion"]["chance"] == 25.0
+    assert max(calls) <= 7 and sum(calls) == 50 * (3 + 2 + 1 + 3)  # own per attribute + its rivals
 
 
 def test_chance_levels_exact():

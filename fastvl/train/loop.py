@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .evaluate import attribute_accuracy, format_metrics, retrieval_metrics
+from .evaluate import attribute_accuracy, format_metrics, pair_attribute_accuracy, retrieval_metrics
 from .schedule import param_groups, warmup_cosine
 
 
@@ -335,8 +335,10 @@ def evaluate(
     if info.is_main:
         was = model.training
         model.eval()
-        vids, txts, labels = [], [], []
+        vids, txts, labels, raw = [], [], [], []
         for batch in eval_batches():
+            if label_captions is not None:
+                raw.append(batch["video"])
             batch = _to_device(batch, info.device)
             with autocast():
                 vids.append(model.encode_video(batch["video"]).float().cpu())
@@ -351,6 +353,16 @@ def evaluate(
                     for s in range(0, ids.shape[0], 256)
                 ]
             result["attributes"] = attribute_accuracy(torch.cat(vids), torch.cat(labels), torch.cat(lt), attrs)
+            if hasattr(model, "vtm_logits") and "motion" in attrs:  # All-in-one: where rolling acts
+
+                def score(v, i, m):
+                    with autocast():
+                        lg = model.vtm_logits(v.to(info.device), i.to(info.device), m.to(info.device)).float()
+                    return lg[:, 1] - lg[:, 0]
+
+                result["attributes_fused"] = pair_attribute_accuracy(
+                    score, torch.cat(raw), torch.cat(labels), ids, mask, attrs, ("motion",)
+                )
         model.train(was)
     if info.enabled:
         import torch.distributed as dist

@@ -225,6 +225,13 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="model config override, e.g. --set keep_rate=0.25 --set rolling=explicit (repeatable)",
     )
+    p.add_argument(
+        "--data-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="synthetic data override (SyntheticConfig field), e.g. --data-set 'colors=[\"red\"]' (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -245,12 +252,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         k, _, v = item.partition("=")
         val = _parse_value(v)
         overrides[k.strip()] = tuple(val) if isinstance(val, list) else val
+    data_overrides = {}
+    for item in args.data_set:
+        if "=" not in item:
+            raise SystemExit(f"--data-set expects FIELD=VALUE, got {item!r}")
+        k, _, v = item.partition("=")
+        val = _parse_value(v)
+        data_overrides[k.strip()] = tuple(val) if isinstance(val, list) else val
+    if data_overrides and args.data != "synthetic":
+        raise SystemExit(f"--data-set applies to --data synthetic only, got --data {args.data!r}")
     name = os.path.splitext(os.path.basename(args.data.rstrip("/")))[0].replace("{", "").replace("}", "")
     extra = {
         "model_overrides": overrides,
         "tokenizer": args.tokenizer,
         "train_clips": args.train_clips,
         "val_clips": args.val_clips,
+        "data": data_overrides,
     }
     return TrainConfig(
         model=args.model,
