@@ -242,23 +242,23 @@ def _parse_value(v: str) -> Any:
         return v
 
 
+def _assignments(items: list[str], flag: str) -> dict[str, Any]:
+    """``["FIELD=VALUE", ...]`` -> {field: value} (JSON values; lists become tuples)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"{flag} expects FIELD=VALUE, got {item!r}")
+        k, _, v = item.partition("=")
+        val = _parse_value(v)
+        out[k.strip()] = tuple(val) if isinstance(val, list) else val
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fam = "tiny" if args.model.endswith("-tiny") else family(args.model)
     defaults = SYNTHETIC_TRAIN[fam] if args.data == "synthetic" else dict(epochs=1.0, batch_size=32, lr=1e-4)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        k, _, v = item.partition("=")
-        val = _parse_value(v)
-        overrides[k.strip()] = tuple(val) if isinstance(val, list) else val
-    data_overrides = {}
-    for item in args.data_set:
-        if "=" not in item:
-            raise SystemExit(f"--data-set expects FIELD=VALUE, got {item!r}")
-        k, _, v = item.partition("=")
-        val = _parse_value(v)
-        data_overrides[k.strip()] = tuple(val) if isinstance(val, list) else val
+    overrides = _assignments(args.set, "--set")
+    data_overrides = _assignments(args.data_set, "--data-set")
     if data_overrides and args.data != "synthetic":
         raise SystemExit(f"--data-set applies to --data synthetic only, got --data {args.data!r}")
     name = os.path.splitext(os.path.basename(args.data.rstrip("/")))[0].replace("{", "").replace("}", "")
