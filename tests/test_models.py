@@ -518,6 +518,78 @@ def test_registry():
     assert m.word_embeddings.num_embeddings == 1000 and m.config.mask_id == 3
 
 
+def test_allinone_sincos_position_init():
+    from fastvl.models._common import sincos_1d, sincos_2d
+
+    t = sincos_1d(5, 8)
+    pos, i = 3, 1
+    assert t[pos, i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)))
+    assert t[pos, 4 + i].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)))
+    g = sincos_2d(3, 16)  # row-major grid: patch 5 is row 1, column 2
+    assert torch.equal(g[5, :8], sincos_1d(3, 8)[1]) and torch.equal(g[5, 8:], sincos_1d(3, 8)[2])
+    torch.manual_seed(0)
+    m = create_model("allinone-tiny", pos_init="sincos", vocab_size=100)
+    torch.manual_seed(0)
+    r = create_model("allinone-tiny", vocab_size=100)
+    C, grid = m.config.dim, m.config.img_size // m.config.patch_size
+    assert torch.equal(m.pos_embed[1:].detach(), sincos_2d(grid, C).float())
+    assert torch.equal(m.text_pos_embed.detach(), sincos_1d(m.config.max_text_len, C).float())
+    assert m.pos_embed.requires_grad and m.num_params() == r.num_params()
+    assert torch.equal(m.pos_embed[0], r.pos_embed[0]) and torch.equal(m.temporal_embed, r.temporal_embed)
+    with pytest.raises(ValueError, match="pos_init must be 'random' or 'sincos', got 'fixed'"):
+        create_model("allinone-tiny", pos_init="fixed")
+    with pytest.raises(ValueError, match="dim divisible by 4, got dim=66"):
+        create_model("allinone-tiny", pos_init="sincos", dim=66, num_heads=2)
+
+
+def test_vtm_negatives_never_share_the_caption():
+    m = create_model("allinone-tiny", vocab_size=100)
+    B, Lt = 12, 6
+    g = torch.Generator().manual_seed(1)
+    caps = torch.randint(10, 100, (3, Lt), generator=g)
+    ids = caps[torch.arange(B) % 3].clone()  # three captions, four clips each
+    mask = torch.ones(B, Lt, dtype=torch.bool)
+    mask[2::3, 4:] = False
+    ids[2::3, 4:] = torch.randint(10, 100, (4, 2), generator=g)  # padded slots differ: still the same caption
+    seen = set()
+    for seed in range(20):
+        vidx, labels = m.vtm_pairs(ids, mask, torch.Generator().manual_seed(seed))
+        neg = labels == 0
+        assert neg.sum() == B // 2 and torch.equal(vidx[~neg], torch.arange(B)[~neg])
+        assert ((vidx[neg] % 3) != (torch.arange(B)[neg] % 3)).all()
+        seen |= {(i, int(j)) for i, j in zip(torch.arange(B)[neg].tolist(), vidx[neg])}
+    assert len(seen) > B * 4  # uniform over the 8 allowed videos, not one fixed shift
+    a = m.vtm_pairs(ids, mask, torch.Generator().manual_seed(3))
+    b = m.vtm_pairs(ids, mask, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # one caption for the whole batch: no negative exists, every pair stays positive
+    vidx, labels = m.vtm_pairs(ids[:1].expand(B, Lt), mask[:1].expand(B, Lt), torch.Generator().manual_seed(0))
+    assert labels.eq(1).all() and torch.equal(vidx, torch.arange(B))
+
+
+def test_vtm_hard_negatives_follow_the_similarity():
+    m = create_model("allinone-tiny", vtm_negatives="hard")
+    B = 8
+    ids = torch.arange(10, 10 + B)[:, None].repeat(1, 4)  # all captions differ
+    mask = torch.ones(B, 4, dtype=torch.bool)
+    sim = torch.randn(B, B, generator=torch.Generator().manual_seed(0))
+    hard = (torch.arange(B) + 3) % B
+    sim[torch.arange(B), hard] = 50.0  # one dominant non-matching video per text
+    sim[torch.arange(B), torch.arange(B)] = 100.0  # the match itself must never be drawn
+    for seed in range(5):
+        vidx, labels = m.vtm_pairs(ids, mask, torch.Generator().manual_seed(seed), sim)
+        neg = labels == 0
+        assert torch.equal(vidx[neg], hard[neg])
+    batch = example_batch(m, batch_size=4, device="cpu")
+    out = m(batch, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["vtm"]) and m.vtm_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="vtm_negatives must be 'random' or 'hard', got 'mined'"):
+        create_model("allinone-tiny", vtm_negatives="mined")
+    with pytest.raises(ValueError, match="tasks must hold vtm and vtc"):
+        create_model("allinone-tiny", vtm_negatives="hard", tasks=("vtm", "mlm"))
+
+
 def _bad(name, mutate, exc, match):
     m = tiny(name)
     batch = make_batch(m, B=2)

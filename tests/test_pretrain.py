@@ -201,3 +201,20 @@ def test_data_set_overrides_the_synthetic_config(tmp_path, capsys):
     assert sorted(probe) == ["motion", "shape"] and probe["motion"]["chance"] == 50.0  # one colour: no colour probe
     with pytest.raises(SystemExit, match="--data-set applies to --data synthetic only"):
         cli([*args, "--data", "x.csv", "--data-set", "fps=2"])
+
+
+def test_motion_probe_runs_both_modes_on_the_same_data(tmp_path, capsys):
+    from fastvl.train import motion_probe
+
+    argv = ["--train-clips", "64", "--val-clips", "24", "--epochs", "2", "--batch-size", "16", "--seeds", "3"]
+    argv += ["--set", "depth=1", "--set", "dim=32", "--set", "num_heads=2", "--set", "pos_init=sincos"]
+    out = tmp_path / "probe.jsonl"
+    a = motion_probe.main(argv + ["--out", str(out)])
+    b = motion_probe.main(argv)
+    assert [r["rolling"] for r in a] == ["fused", "none"] and all(r["seed"] == 3 for r in a)
+    for r, s in zip(a, b):  # deterministic per (seed, mode): same data, init and order
+        assert len(r["accuracy_per_epoch"]) == 2 and r["accuracy"] == r["accuracy_per_epoch"][-1]
+        assert {k: v for k, v in r.items() if k != "seconds"} == {k: v for k, v in s.items() if k != "seconds"}
+        assert 0.0 <= r["accuracy"] <= 100.0 and 100 / 6 <= r["majority_chance"] <= 100.0
+    assert [json.loads(line)["rolling"] for line in out.read_text().splitlines()] == ["fused", "none"]
+    assert "motion probe  rolling=fused" in capsys.readouterr().out

@@ -12,6 +12,26 @@ from torch import nn
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def sincos_1d(n: int, dim: int) -> torch.Tensor:
+    """Sin-cos table (n, dim) of positions 0..n-1 (Transformer / MAE convention: sines then cosines,
+    frequencies 1 / 10000^(2i/dim)); dim must be even."""
+    if dim % 2:
+        raise ValueError(f"sincos_1d: dim must be even, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    a = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
+    return torch.cat([a.sin(), a.cos()], dim=1)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Sin-cos table (grid * grid, dim) of a row-major patch grid: half the channels for the row,
+    half for the column (MAE); dim must be divisible by 4."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d: dim must be divisible by 4, got {dim}")
+    row = sincos_1d(grid, dim // 2)[:, None].expand(grid, grid, dim // 2)
+    col = sincos_1d(grid, dim // 2)[None].expand(grid, grid, dim // 2)
+    return torch.cat([row, col], dim=2).reshape(grid * grid, dim)
+
+
 class VLModel(nn.Module):
     """Base of AllInOne / VATT / MAC: ``backend`` handling, parameter counts, weight init."""
 

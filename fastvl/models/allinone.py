@@ -4,8 +4,9 @@ Tokens per frame sequence: the text (word + position, LayerNorm, modality type 0
 the frame's CLS + patches (patch embedding + positions, temporal embedding on patches, modality type 1):
 ``(B*T, Lt + 1 + N, C)``. Tokens roll in time before every block (``rolling="fused"``: roll-aware
 attention, nothing copied; ``"explicit"``: ``fastvl.ops.temporal_token_roll``); the frame average of all
-tokens feeds the heads. Pretraining losses: VTM (half the pairs get another video of the batch; pooler on
-the text CLS -> 2 classes), MLM (15% of real tokens, 80/10/10) and VTC (unimodal passes without rolling,
+tokens feeds the heads. Pretraining losses: VTM (half the pairs get another video of the batch, one whose
+caption differs: uniformly, or by VTC similarity with ``vtm_negatives="hard"``; pooler on the text CLS -> 2
+classes), MLM (15% of real tokens, 80/10/10) and VTC (unimodal passes without rolling,
 Linear to 512, temperature 0.05, symmetric).
 """
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ops
-from ._common import BatchChecker, VLModel, l2norm, rng_device
+from ._common import BatchChecker, VLModel, l2norm, rng_device, sincos_1d, sincos_2d
 from .blocks import Encoder, Roll
 
 
@@ -46,6 +47,8 @@ class AllInOneConfig:
     loss_weights: tuple[float, ...] | None = None  # per task, default 1 each
     eps: float = 1e-6
     drop: float = 0.0
+    vtm_negatives: str = "random"  # "random" (paper) | "hard" (drawn by VTC similarity, needs the vtc task)
+    pos_init: str = "random"  # "random" (truncated normal, std 0.02) | "sincos" (fixed tables as the start)
 
 
 class AllInOne(VLModel):
@@ -66,6 +69,16 @@ class AllInOne(VLModel):
         unknown = set(cfg.tasks) - {"vtm", "mlm", "vtc"}
         if unknown or not cfg.tasks:
             raise ValueError(f"AllInOne: tasks must be a non-empty subset of (vtm, mlm, vtc), got {cfg.tasks}")
+        if cfg.vtm_negatives not in ("random", "hard"):
+            raise ValueError(f"AllInOne: vtm_negatives must be 'random' or 'hard', got {cfg.vtm_negatives!r}")
+        if cfg.vtm_negatives == "hard" and not {"vtm", "vtc"} <= set(cfg.tasks):
+            raise ValueError(
+                f"AllInOne: vtm_negatives='hard' draws by VTC similarity: tasks must hold vtm and vtc, got {cfg.tasks}"
+            )
+        if cfg.pos_init not in ("random", "sincos"):
+            raise ValueError(f"AllInOne: pos_init must be 'random' or 'sincos', got {cfg.pos_init!r}")
+        if cfg.pos_init == "sincos" and cfg.dim % 4:
+            raise ValueError(f"AllInOne: pos_init='sincos' needs dim divisible by 4, got dim={cfg.dim}")
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"AllInOne: img_size={cfg.img_size} must be divisible by patch_size={cfg.patch_size}")
         self.config = cfg
@@ -92,6 +105,12 @@ class AllInOne(VLModel):
         self.apply(self._init_weights)
         for p in (self.text_pos_embed, self.cls_token, self.pos_embed, self.temporal_embed):
             nn.init.trunc_normal_(p, std=0.02)
+        if cfg.pos_init == "sincos":
+            # from scratch, a 0.02-std position table leaves the patch grid unordered for a long time
+            # (a tiny model does not learn where the shape is); sin-cos starts it ordered, still trainable
+            with torch.no_grad():
+                self.pos_embed[1:].copy_(sincos_2d(cfg.img_size // cfg.patch_size, C))
+                self.text_pos_embed.copy_(sincos_1d(cfg.max_text_len, C))
 
     # ---- inputs ------------------------------------------------------------------------------
 
@@ -192,14 +211,34 @@ class AllInOne(VLModel):
         new = torch.where(chosen & (r >= 0.8) & (r < 0.9), rand_ids, new)
         return new, torch.where(chosen, ids, torch.full_like(ids, -100))
 
-    def vtm_pairs(self, B: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half the pairs (B // 2, at random) get another video of the batch: (video index (B,), labels (B,))."""
+    def vtm_pairs(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sim: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VTM pairs for a batch of captions ``ids`` / ``mask`` (B, Lt): half the pairs (B // 2, at random) get
+        another video of the batch whose caption differs from theirs (an identical caption is not a negative).
+        That video is drawn uniformly, or with ``sim`` (B texts x B videos, VTC similarities) with probability
+        softmax(sim) over the allowed videos (hard negatives, ALBEF). A pair whose caption every other clip
+        shares stays positive. Returns (video index (B,), labels (B,), 1 = match)."""
+        B, device = ids.shape[0], ids.device
         d = rng_device(generator, device)
         neg = torch.zeros(B, dtype=torch.bool, device=device)
         neg[torch.randperm(B, generator=generator, device=d)[: B // 2].to(device)] = True
-        shift = torch.randint(1, B, (B,), generator=generator, device=d).to(device)
-        idx = torch.arange(B, device=device)
-        return torch.where(neg, (idx + shift) % B, idx), (~neg).long()
+        same_mask = (mask[:, None] == mask[None]).all(-1)
+        same = same_mask & ((ids[:, None] == ids[None]) | ~mask[:, None]).all(-1)  # (B, B), diagonal True
+        allowed = ~same
+        has = allowed.any(1)
+        if sim is None:
+            w = allowed.float()
+        else:
+            w = torch.softmax(sim.detach().float().masked_fill(~allowed, float("-inf")), dim=1)
+        w = torch.where(has[:, None], w.nan_to_num(0.0), torch.ones_like(w))
+        pick = torch.multinomial(w.to(d), 1, generator=generator).squeeze(1).to(device)
+        neg &= has
+        return torch.where(neg, pick, torch.arange(B, device=device)), (~neg).long()
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Pretraining losses for one batch. Randomness (MLM masks, VTM negatives) comes from ``generator``
@@ -213,16 +252,6 @@ class AllInOne(VLModel):
             chk.fail("video", f"has batch size {B}: VTM negatives need another video in the batch (B >= 2)")
         v = self.embed_video(video)
         losses: dict[str, torch.Tensor] = {}
-        if "mlm" in cfg.tasks:
-            mids, labels = self.mlm_mask(ids, mask, generator)
-            y = self.fused(self.embed_text(mids), mask, v)
-            logits = self.mlm_decoder(self.mlm_transform(y[:, : ids.shape[1]])).float()
-            n = (labels != -100).sum().clamp_min(1)
-            losses["mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n
-        if "vtm" in cfg.tasks:
-            vidx, labels = self.vtm_pairs(B, video.device, generator)
-            y = self.fused(self.embed_text(ids), mask, v[vidx])
-            losses["vtm"] = F.cross_entropy(self.vtm_head(torch.tanh(self.pooler(y[:, 0]))).float(), labels)
         if "vtc" in cfg.tasks:
             t = l2norm(self.vtc_text_proj(self.text_features(ids, mask)[:, 0]))
             T, L, C = v.shape[1:]
@@ -230,6 +259,17 @@ class AllInOne(VLModel):
             vv = l2norm(self.vtc_video_proj(vf[:, 0]))
             scale = torch.tensor(1.0 / cfg.vtc_temperature, device=t.device)
             losses["vtc"] = _ops.clip_loss(vv, t, scale, backend=self.backend)
+        if "mlm" in cfg.tasks:
+            mids, labels = self.mlm_mask(ids, mask, generator)
+            y = self.fused(self.embed_text(mids), mask, v)
+            logits = self.mlm_decoder(self.mlm_transform(y[:, : ids.shape[1]])).float()
+            n = (labels != -100).sum().clamp_min(1)
+            losses["mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n
+        if "vtm" in cfg.tasks:
+            sim = (t @ vv.t()) / cfg.vtc_temperature if cfg.vtm_negatives == "hard" else None
+            vidx, labels = self.vtm_pairs(ids, mask, generator, sim)
+            y = self.fused(self.embed_text(ids), mask, v[vidx])
+            losses["vtm"] = F.cross_entropy(self.vtm_head(torch.tanh(self.pooler(y[:, 0]))).float(), labels)
         weights = cfg.loss_weights or (1.0,) * len(cfg.tasks)
         losses["loss"] = sum(w * losses[k] for k, w in zip(cfg.tasks, weights))
         return losses

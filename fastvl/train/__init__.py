@@ -1,4 +1,4 @@
-"""Pretraining: loop, checkpoints, distributed setup, retrieval evaluation."""
+"""Pretraining: loop, checkpoints, distributed setup, retrieval evaluation, the supervised motion probe."""
 
 from .evaluate import retrieval_metrics
 from .loop import Components, NonFiniteLoss, TrainConfig, train
