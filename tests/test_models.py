@@ -580,6 +580,8 @@ def test_vtm_hard_negatives_follow_the_similarity():
         vidx, labels = m.vtm_pairs(ids, mask, torch.Generator().manual_seed(seed), sim)
         neg = labels == 0
         assert torch.equal(vidx[neg], hard[neg])
+    vidx, labels = m.vtm_pairs(ids[:1].expand(B, 4), mask, torch.Generator().manual_seed(0), sim)
+    assert labels.eq(1).all() and torch.equal(vidx, torch.arange(B))  # one caption: no negative to draw
     batch = example_batch(m, batch_size=4, device="cpu")
     out = m(batch, generator=torch.Generator().manual_seed(0))
     out["loss"].backward()

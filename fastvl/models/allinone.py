@@ -235,7 +235,7 @@ class AllInOne(VLModel):
             w = allowed.float()
         else:
             w = torch.softmax(sim.detach().float().masked_fill(~allowed, float("-inf")), dim=1)
-        w = torch.where(has[:, None], w.nan_to_num(0.0), torch.ones_like(w))
+        w = torch.where(has[:, None], w, torch.ones_like(w))  # rows with no allowed video: any draw, unused
         pick = torch.multinomial(w.to(d), 1, generator=generator).squeeze(1).to(device)
         neg &= has
         return torch.where(neg, pick, torch.arange(B, device=device)), (~neg).long()

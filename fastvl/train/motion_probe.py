@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.set is None:
         args.set = ["depth=4", "roll_fraction=0.25", "pos_init=sincos"]
-    probe = create_model(args.model, vocab_size=128, **_assignments(args.set, "--set"))
+    with torch.device("meta"):  # only the config: frames and size for the data
+        probe = create_model(args.model, vocab_size=128, **_assignments(args.set, "--set"))
     cfg = probe.config
     kw = dict(frames=cfg.num_frames, size=cfg.img_size, colors=tuple(args.colors), shapes=tuple(args.shapes))
     classes = 6 if args.target == "motion" else 4
