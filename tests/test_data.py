@@ -212,6 +212,27 @@ def test_synthetic_config_errors():
     assert {small.decode_label(small[i]["label"])[0] for i in range(8)} <= {"red", "blue"}
 
 
+def test_synthetic_radius_and_travel():
+    """radius / travel set the shape's mid-clip radius and its displacement over the clip (fractions of size)."""
+    S = 40
+    ds = SyntheticVideoText("train", num_clips=64, size=S, frames=3, radius=(0.2, 0.3), travel=(0.42, 0.45))
+    moved = 0
+    for i in range(len(ds)):
+        p = ds.params(i)
+        assert 0.2 * S - 1e-9 <= p["r"][1] <= 0.3 * S + 1e-9
+        if p["motion"] in ("left", "right", "up", "down"):
+            a = p["x"] if p["motion"] in ("left", "right") else p["y"]
+            d = abs(_torus_delta(a[0], a[-1], S))
+            assert 0.42 * S - 1e-6 <= d <= 0.45 * S + 1e-6, (i, p["motion"], d)
+            moved += 1
+    assert moved > 10
+    for bad in ((0.3, 0.2), (0.0, 0.1), (0.1, 0.5), (0.1,)):
+        with pytest.raises(ValueError, match="'travel' must be \\(low, high\\) fractions of size"):
+            SyntheticConfig(travel=bad)
+    with pytest.raises(ValueError, match="'radius' must be"):
+        SyntheticConfig(radius=(0.2, 0.1))
+
+
 # ---- tokenizer --------------------------------------------------------------------------------
 
 

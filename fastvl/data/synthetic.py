@@ -97,6 +97,8 @@ class SyntheticConfig:
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "purple")
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "cross")
     motions: tuple[str, ...] = MOTIONS
+    radius: tuple[float, float] = (0.07, 0.21)  # shape radius at the clip's middle, fraction of size (log-uniform)
+    travel: tuple[float, float] = (0.25, 0.4)  # displacement over the clip, fraction of size (< 0.5: unambiguous)
 
     def __post_init__(self):
         for name in ("num_clips", "frames", "size", "audio_rate", "paraphrases"):
@@ -111,6 +113,15 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig: 'fps' must be > 0, got {self.fps}")
         if self.audio_seconds is not None and not self.audio_seconds > 0:
             raise ValueError(f"SyntheticConfig: 'audio_seconds' must be > 0, got {self.audio_seconds}")
+        for field, top in (("radius", 0.5), ("travel", 0.5)):
+            v = getattr(self, field)
+            ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, (int, float)) for a in v)
+            if not ok or not 0 < v[0] <= v[1] < top:
+                raise ValueError(
+                    f"SyntheticConfig: '{field}' must be (low, high) fractions of size with 0 < low <= high < {top}, "
+                    f"got {v!r}"
+                )
+            object.__setattr__(self, field, (float(v[0]), float(v[1])))
         for field, known in (("colors", COLORS), ("shapes", SHAPES), ("motions", MOTIONS)):
             vals = tuple(getattr(self, field))
             bad = [v for v in vals if v not in known]
@@ -204,8 +215,8 @@ class SyntheticVideoText(torch.utils.data.Dataset):
         S, T = c.size, c.frames
         progress = np.arange(T, dtype=np.float64) / (T - 1) - 0.5  # -0.5 .. 0.5 over the clip
         x0, y0 = rng.uniform(0, S, size=2)
-        r_mid = math.exp(rng.uniform(math.log(0.07 * S), math.log(0.21 * S)))  # radius at the clip's middle
-        dist = rng.uniform(0.25, 0.4) * S  # total displacement over the clip, < S/2 so wrapping is unambiguous
+        r_mid = math.exp(rng.uniform(math.log(c.radius[0] * S), math.log(c.radius[1] * S)))  # at the clip's middle
+        dist = rng.uniform(*c.travel) * S  # total displacement over the clip, < S/2 so wrapping is unambiguous
         growth = rng.uniform(1.4, 1.8)  # radius ratio over the clip: wide size range, mild growth (less leak)
         x = np.full(T, x0)
         y = np.full(T, y0)

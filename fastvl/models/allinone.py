@@ -6,8 +6,8 @@ the frame's CLS + patches (patch embedding + positions, temporal embedding on pa
 attention, nothing copied; ``"explicit"``: ``fastvl.ops.temporal_token_roll``); the frame average of all
 tokens feeds the heads. Pretraining losses: VTM (half the pairs get another video of the batch, one whose
 caption differs: uniformly, or by VTC similarity with ``vtm_negatives="hard"``; pooler on the text CLS -> 2
-classes), MLM (15% of real tokens, 80/10/10) and VTC (unimodal passes without rolling,
-Linear to 512, temperature 0.05, symmetric).
+classes), MLM (15% of real tokens, 80/10/10) and VTC (unimodal passes without rolling, as in the paper's
+code, or with rolling in the video pass with ``video_roll=True``; Linear to 512, temperature 0.05, symmetric).
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ class AllInOneConfig:
     eps: float = 1e-6
     drop: float = 0.0
     vtm_negatives: str = "random"  # "random" (paper) | "hard" (drawn by VTC similarity, needs the vtc task)
-    pos_init: str = "random"  # "random" (truncated normal, std 0.02) | "sincos" (fixed tables as the start)
+    # "random" (truncated normal, std 0.02) | "sincos" (unit-scale sin-cos tables as the start: helps supervised
+    # localisation from scratch, but swamps the patch content and collapses VTC-only training on All-in-one-Ti)
+    pos_init: str = "random"
+    video_roll: bool = False  # roll in the unimodal video pass (VTC) too; the paper rolls in the fused pass only
 
 
 class AllInOne(VLModel):
@@ -169,10 +172,14 @@ class AllInOne(VLModel):
         return self.encoder(self.embed_text(ids), ~mask)
 
     def video_features(self, video: torch.Tensor) -> torch.Tensor:
-        """Unimodal video pass (no rolling): (B, T, 3, H, W) -> frame-averaged tokens (B, 1 + N, C)."""
-        v = self.embed_video(video)
+        """Unimodal video pass: (B, T, 3, H, W) -> frame-averaged tokens (B, 1 + N, C)."""
+        return self._video_pass(self.embed_video(video))
+
+    def _video_pass(self, v: torch.Tensor) -> torch.Tensor:
+        """Embedded video (B, T, 1 + N, C) through the encoder, rolled only with ``video_roll``; frame average."""
         B, T, L, C = v.shape
-        return self.encoder(v.reshape(B * T, L, C)).reshape(B, T, L, C).mean(1)
+        roll = self._roll(T, 0, L) if self.config.video_roll else None
+        return self.encoder(v.reshape(B * T, L, C), None, roll).reshape(B, T, L, C).mean(1)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised VTC text embeddings (B, vtc_dim) from the text CLS of the unimodal pass."""
@@ -254,9 +261,7 @@ class AllInOne(VLModel):
         losses: dict[str, torch.Tensor] = {}
         if "vtc" in cfg.tasks:
             t = l2norm(self.vtc_text_proj(self.text_features(ids, mask)[:, 0]))
-            T, L, C = v.shape[1:]
-            vf = self.encoder(v.reshape(B * T, L, C)).reshape(B, T, L, C).mean(1)
-            vv = l2norm(self.vtc_video_proj(vf[:, 0]))
+            vv = l2norm(self.vtc_video_proj(self._video_pass(v)[:, 0]))
             scale = torch.tensor(1.0 / cfg.vtc_temperature, device=t.device)
             losses["vtc"] = _ops.clip_loss(vv, t, scale, backend=self.backend)
         if "mlm" in cfg.tasks:
