@@ -13,6 +13,7 @@ import fastvl
 from fastvl import BackendError
 from fastvl.models import _ops, create_model, describe, example_batch, list_models, model_stats
 from fastvl.models.flops import count
+from fastvl.ops.contrastive import clip_loss_reference
 from fastvl.testing import assert_close, kernel_backends, randn
 
 TINY = ["allinone-tiny", "vatt-tiny", "vatt-ma-tiny", "mac-tiny"]
@@ -562,9 +563,7 @@ def test_allinone_video_roll():
     got = m(batch)["vtc"]
     v = m.encode_video(batch["video"])
     t = m.encode_text(batch["text_ids"], batch["text_mask"])
-    logits = v @ t.t() / m.config.vtc_temperature
-    target = torch.arange(len(v))
-    want = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    want = clip_loss_reference(v, t, 1.0 / m.config.vtc_temperature)
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)  # the loss op reduces in fp32
     m.config.video_roll = False
     off = {}
@@ -576,18 +575,27 @@ def test_allinone_video_roll():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
 def test_allinone_video_roll_kernels_match_reference():
-    """The rolled video pass (no text, no padding mask) under the Triton backend: roll-aware attention when fused,
-    the roll kernel when explicit, against the reference backend."""
+    """The rolled video pass (no text, no padding mask) under the Triton backend, forward and backward: roll-aware
+    attention when fused, the roll kernel when explicit, against the reference backend."""
     torch.manual_seed(0)
     m = create_model("allinone-tiny", video_roll=True, roll_fraction=0.25, vocab_size=64)
     video = torch.randn(2, m.config.num_frames, 3, 32, 32)
+    w = torch.randn(1 + m.num_patches, m.config.dim)
+
+    def out_and_grads():
+        m.zero_grad(set_to_none=True)
+        y = m.video_features(video)
+        (y * w).sum().backward()
+        return y.detach(), m.patch_embed.weight.grad.clone(), m.encoder.blocks[0].attn.qkv.weight.grad.clone()
+
     for mode in ("fused", "explicit"):
         m.config.rolling = mode
-        with torch.no_grad(), fastvl.use_backend("reference"):
-            ref = m.video_features(video)
-        with torch.no_grad(), fastvl.use_backend("triton"):
-            tri = m.video_features(video)
-        torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
+        with fastvl.use_backend("reference"):
+            ref = out_and_grads()
+        with fastvl.use_backend("triton"):
+            tri = out_and_grads()
+        for a, b in zip(tri, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_vtm_negatives_never_share_the_caption():

@@ -113,12 +113,12 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig: 'fps' must be > 0, got {self.fps}")
         if self.audio_seconds is not None and not self.audio_seconds > 0:
             raise ValueError(f"SyntheticConfig: 'audio_seconds' must be > 0, got {self.audio_seconds}")
-        for field, top in (("radius", 0.5), ("travel", 0.5)):
+        for field in ("radius", "travel"):
             v = getattr(self, field)
             ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, (int, float)) for a in v)
-            if not ok or not 0 < v[0] <= v[1] < top:
+            if not ok or not 0 < v[0] <= v[1] < 0.5:
                 raise ValueError(
-                    f"SyntheticConfig: '{field}' must be (low, high) fractions of size with 0 < low <= high < {top}, "
+                    f"SyntheticConfig: '{field}' must be (low, high) fractions of size with 0 < low <= high < 0.5, "
                     f"got {v!r}"
                 )
             object.__setattr__(self, field, (float(v[0]), float(v[1])))
