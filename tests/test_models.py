@@ -573,6 +573,28 @@ def test_allinone_video_roll():
     assert torch.equal(off["fused"], off["none"])
 
 
+def test_allinone_vtc_pool_mean():
+    """vtc_pool="mean": the VTC text embedding is the projected mean of the real text tokens (padding ignored), the
+    video one the projected mean of the frame-averaged patch tokens (CLS excluded); forward's VTC loss uses them."""
+    torch.manual_seed(0)
+    m = create_model("allinone-tiny", vtc_pool="mean", vocab_size=2048, tasks=("vtc",)).double()
+    batch = make_batch(m)
+    batch["video"] = batch["video"].double()
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    assert (~mask).any()  # some padding to ignore
+    y = m.text_features(ids, mask)
+    want_t = F.normalize(m.vtc_text_proj(torch.stack([y[i][mask[i]].mean(0) for i in range(len(y))])), dim=-1)
+    torch.testing.assert_close(m.encode_text(ids, mask), want_t.float(), rtol=1e-6, atol=1e-6)  # fp32 out
+    want_v = F.normalize(m.vtc_video_proj(m.video_features(batch["video"])[:, 1:].mean(1)), dim=-1)
+    torch.testing.assert_close(m.encode_video(batch["video"]), want_v.float(), rtol=1e-6, atol=1e-6)
+    want = clip_loss_reference(want_v, want_t, 1.0 / m.config.vtc_temperature)
+    torch.testing.assert_close(m(batch)["vtc"].double(), want.double(), rtol=1e-6, atol=1e-6)
+    m.config.vtc_pool = "cls"
+    assert (m.encode_text(ids, mask) - want_t).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="vtc_pool must be 'cls' or 'mean', got 'max'"):
+        create_model("allinone-tiny", vtc_pool="max")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (a GPU or TRITON_INTERPRET=1)")
 def test_allinone_video_roll_kernels_match_reference():
     """The rolled video pass (no text, no padding mask) under the Triton backend, forward and backward: roll-aware

@@ -203,6 +203,67 @@ def test_data_set_overrides_the_synthetic_config(tmp_path, capsys):
         cli([*args, "--data", "x.csv", "--data-set", "fps=2"])
 
 
+def test_allinone_synthetic_recipe_is_the_default_and_flags_win(tmp_path, capsys):
+    """allinone-ti on synthetic data trains the motion recipe by default (VTC only, rolled video pass, roll 1/4,
+    2 colours x 2 shapes, 4096 clips, 10 warmup steps); --set / --data-set / flags override it; eval rebuilds it."""
+    from fastvl.train.pretrain import ALLINONE_RECIPE_DATA, ALLINONE_RECIPE_MODEL
+
+    out = str(tmp_path / "ti")
+    base = ["pretrain", "--model", "allinone-ti", "--steps", "1", "--batch-size", "4", "--val-clips", "8"]
+    assert cli([*base, "--out", out, "--no-progress", "--train-clips", "16"]) == 0
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["warmup"] == 10
+    assert {k: saved["model_overrides"][k] for k in ALLINONE_RECIPE_MODEL} == {
+        "tasks": ["vtc"],
+        "video_roll": True,
+        "roll_fraction": 0.25,
+    }
+    assert {k: saved["data_kwargs"][k] for k in ALLINONE_RECIPE_DATA} == {
+        k: list(v) for k, v in ALLINONE_RECIPE_DATA.items()
+    }
+    assert sorted(json.load(open(os.path.join(out, "summary.json")))["eval"]["attributes"]) == [
+        "colour",
+        "motion",
+        "shape",
+    ]
+    assert {"loss", "vtc"} <= set(losses(out)[1]) and "vtm" not in losses(out)[1]
+    assert "attributes_fused" not in json.load(open(os.path.join(out, "summary.json")))["eval"]  # VTM untrained
+    assert cli(["eval", out]) == 0
+    assert "zero-shot retrieval on 8 held-out clips" in capsys.readouterr().out
+    # the recipe's defaults: 4096 training clips when --train-clips is not given
+    from fastvl.cli import build_parser
+    from fastvl.train.pretrain import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["pretrain", "--model", "allinone-ti"]))
+    assert cfg.extra["train_clips"] == 4096 and cfg.epochs == 4.0 and cfg.warmup == 10
+    # user flags win over the recipe, field by field
+    cfg = config_from_args(
+        build_parser().parse_args(
+            [
+                "pretrain",
+                "--model",
+                "allinone-ti",
+                "--set",
+                "video_roll=false",
+                "--data-set",
+                'colors=["red"]',
+                "--warmup",
+                "0.2",
+                "--train-clips",
+                "64",
+            ]
+        )
+    )
+    mo, da = cfg.extra["model_overrides"], cfg.extra["data"]
+    assert mo["video_roll"] is False and mo["tasks"] == ("vtc",) and da["colors"] == ("red",)
+    assert da["shapes"] == ("circle", "square") and cfg.warmup == 0.2 and cfg.extra["train_clips"] == 64
+    # other families and other data keep their own defaults
+    cfg = config_from_args(build_parser().parse_args(["pretrain", "--model", "vatt-tiny"]))
+    assert cfg.extra["model_overrides"] == {} and cfg.extra["data"] == {} and cfg.warmup == 0.1
+    cfg = config_from_args(build_parser().parse_args(["pretrain", "--model", "allinone-ti", "--data", "m.csv"]))
+    assert cfg.extra["model_overrides"] == {} and cfg.extra["train_clips"] is None
+
+
 def test_motion_probe_runs_both_modes_on_the_same_data(tmp_path, capsys):
     from fastvl.train import motion_probe
 

@@ -52,6 +52,10 @@ class AllInOneConfig:
     # localisation from scratch, but swamps the patch content and collapses VTC-only training on All-in-one-Ti)
     pos_init: str = "random"
     video_roll: bool = False  # roll in the unimodal video pass (VTC) too; the paper rolls in the fused pass only
+    # VTC embedding from "cls" (paper: the CLS token) or "mean" (mean of the real text tokens / of the patch
+    # tokens). From scratch the text CLS of different captions starts nearly identical (cosine ~0.998 on
+    # All-in-one-Ti), which can stall VTC-only training at a constant embedding; the mean starts apart.
+    vtc_pool: str = "cls"
 
 
 class AllInOne(VLModel):
@@ -78,6 +82,8 @@ class AllInOne(VLModel):
             raise ValueError(
                 f"AllInOne: vtm_negatives='hard' draws by VTC similarity: tasks must hold vtm and vtc, got {cfg.tasks}"
             )
+        if cfg.vtc_pool not in ("cls", "mean"):
+            raise ValueError(f"AllInOne: vtc_pool must be 'cls' or 'mean', got {cfg.vtc_pool!r}")
         if cfg.pos_init not in ("random", "sincos"):
             raise ValueError(f"AllInOne: pos_init must be 'random' or 'sincos', got {cfg.pos_init!r}")
         if cfg.pos_init == "sincos" and cfg.dim % 4:
@@ -181,16 +187,31 @@ class AllInOne(VLModel):
         roll = self._roll(T, 0, L) if self.config.video_roll else None
         return self.encoder(v.reshape(B * T, L, C), None, roll).reshape(B, T, L, C).mean(1)
 
+    def _vtc_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = self.text_features(ids, mask)
+        if self.config.vtc_pool == "cls":
+            pooled = y[:, 0]
+        else:
+            w = mask.to(y.dtype)[..., None]
+            pooled = (y * w).sum(1) / w.sum(1).clamp_min(1)
+        return l2norm(self.vtc_text_proj(pooled))
+
+    def _vtc_video(self, v: torch.Tensor) -> torch.Tensor:
+        y = self._video_pass(v)
+        return l2norm(self.vtc_video_proj(y[:, 0] if self.config.vtc_pool == "cls" else y[:, 1:].mean(1)))
+
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """L2-normalised VTC text embeddings (B, vtc_dim) from the text CLS of the unimodal pass."""
+        """L2-normalised VTC text embeddings (B, vtc_dim) from the unimodal pass: the text CLS, or with
+        ``vtc_pool="mean"`` the mean of the real tokens."""
         chk = BatchChecker(f"{self.name}.encode_text", {"text_ids": ids, "text_mask": mask})
         ids, mask = self._check_text(chk)
-        return l2norm(self.vtc_text_proj(self.text_features(ids, mask)[:, 0]))
+        return self._vtc_text(ids, mask)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """L2-normalised VTC video embeddings (B, vtc_dim) from the frame-averaged CLS of the unimodal pass."""
+        """L2-normalised VTC video embeddings (B, vtc_dim) from the frame-averaged unimodal pass: the CLS, or
+        with ``vtc_pool="mean"`` the mean of the patch tokens."""
         video = self._check_video(BatchChecker(f"{self.name}.encode_video", {"video": video}))
-        return l2norm(self.vtc_video_proj(self.video_features(video)[:, 0]))
+        return self._vtc_video(self.embed_video(video))
 
     def vtm_logits(self, video: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Video-text matching logits (B, 2) (index 1 = match) from the fused pass (retrieval re-ranking)."""
@@ -260,8 +281,7 @@ class AllInOne(VLModel):
         v = self.embed_video(video)
         losses: dict[str, torch.Tensor] = {}
         if "vtc" in cfg.tasks:
-            t = l2norm(self.vtc_text_proj(self.text_features(ids, mask)[:, 0]))
-            vv = l2norm(self.vtc_video_proj(self._video_pass(v)[:, 0]))
+            t, vv = self._vtc_text(ids, mask), self._vtc_video(v)
             scale = torch.tensor(1.0 / cfg.vtc_temperature, device=t.device)
             losses["vtc"] = _ops.clip_loss(vv, t, scale, backend=self.backend)
         if "mlm" in cfg.tasks:

@@ -353,7 +353,8 @@ def evaluate(
                     for s in range(0, ids.shape[0], 256)
                 ]
             result["attributes"] = attribute_accuracy(torch.cat(vids), torch.cat(labels), torch.cat(lt), attrs)
-            if hasattr(model, "vtm_logits") and "motion" in attrs:  # All-in-one: where rolling acts
+            trained_vtm = "vtm" in getattr(getattr(model, "config", None), "tasks", ())
+            if hasattr(model, "vtm_logits") and trained_vtm and "motion" in attrs:  # All-in-one's fused head
 
                 def score(v, i, m):
                     with autocast():
