@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -31,3 +33,26 @@ def warps_for(block_elems: int) -> int:
     if block_elems >= 2048:
         return 4
     return 2 if block_elems >= 512 else 1
+
+
+def device_of(*tensors) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device`` of the first CUDA tensor given (a no-op for CPU tensors and the interpreter).
+
+    Triton launches on the *current* device; a tensor on ``cuda:1`` while ``cuda:0`` is current would
+    otherwise be read by a kernel running on the wrong device.
+    """
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Decorator for a host launcher: runs it under the device of its first CUDA tensor argument."""
+
+    @functools.wraps(launcher)
+    def wrapped(*args, **kwargs):
+        with device_of(*args, *kwargs.values()):
+            return launcher(*args, **kwargs)
+
+    return wrapped
