@@ -9,6 +9,11 @@ import os
 import torch
 import triton
 
+from . import INTERPRET
+
+H100_SMS = 132  # streaming multiprocessors of an H100 / H200 SXM: the grid size forced GPU configs plan for
+_FORCED: list[int] = []  # SM counts of the active gpu_configs() contexts, innermost last
+
 
 def poison_enabled() -> bool:
     return os.environ.get("FASTVL_POISON", "0") == "1"
@@ -25,6 +30,18 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 def row_block(n_cols: int, elem_bytes: int, max_bytes: int = 8192) -> int:
     """Power-of-two block covering a row of ``n_cols`` elements, capped at ``max_bytes`` per block."""
     return max(16, min(triton.next_power_of_2(n_cols), max(16, max_bytes // elem_bytes)))
+
+
+def col_block(n_cols: int, elem_bytes: int, max_bytes: int = 2048) -> int:
+    """Power-of-two column block of at most ``max_bytes`` (at least 16 elements) that pads the row by at most
+    1/8 when one exists: 768 columns give 256 (three full blocks), not 1024 (a quarter of the lanes idle)."""
+    cap = max(16, min(triton.next_power_of_2(n_cols), max(16, max_bytes // elem_bytes)))
+    p = cap
+    while p >= 16:
+        if (triton.cdiv(n_cols, p) * p - n_cols) * 8 <= n_cols:
+            return p
+        p //= 2
+    return cap
 
 
 def warps_for(block_elems: int) -> int:
@@ -56,3 +73,32 @@ def on_tensor_device(launcher):
             return launcher(*args, **kwargs)
 
     return wrapped
+
+
+@contextlib.contextmanager
+def gpu_configs(sms: int = H100_SMS):
+    """Launchers pick the block shapes, warps and grid they pick on a CUDA device, also under the interpreter.
+
+    Under TRITON_INTERPRET=1 launchers otherwise pick large blocks and few programs (the interpreter pays per
+    operation, not per element). Tests force the GPU configs to prove them against the reference without a
+    GPU; ``sms`` is the SM count the grid is planned for (a small count makes each program loop longer).
+    """
+    _FORCED.append(int(sms))
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def use_gpu_configs(device: torch.device) -> bool:
+    """True when a launcher for tensors on ``device`` should pick its CUDA configuration."""
+    return bool(_FORCED) or (device.type == "cuda" and not INTERPRET)
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs a persistent grid is planned for: the device's, the forced count, or an H100's."""
+    if _FORCED:
+        return _FORCED[-1]
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
