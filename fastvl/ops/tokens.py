@@ -3,7 +3,8 @@
 Three registry ops serve the public functions:
   ``gather_tokens``  out[b, k] = x[b, idx[b, k]] (+ pos[idx[b, k]]); backward below
   ``scatter_tokens`` the backward: zeros with rows scattered back, duplicates summed (fp32 accumulation),
-                     or, when the inverse map is known (indices unique), a gather of the gradient
+                     or, when the inverse map is known (indices unique), a gather of the gradient; with
+                     ``need_pos`` also the positional gradient (the sum over the batch), in the same pass
   ``draw_tokens``    a uniform random order per row: the first K of it (kept) and its inverse map
 The Triton path is two launches for drop/mask: draw (pairwise ranking of Philox keys, no sort) and
 gather (+pos on the fly); the backward is one gather launch through the inverse map.
@@ -44,11 +45,16 @@ def gather_reference(
 
 
 def scatter_reference(grad: torch.Tensor, idx: torch.Tensor, L: int) -> torch.Tensor:
-    """(B, L, C) zeros with out[b, idx[b, j]] += grad[b, j]; fp32 accumulation, duplicates summed."""
+    """(B, L, C) zeros with out[b, idx[b, j]] += grad[b, j]; fp32 accumulation, duplicates summed.
+
+    Indices outside [0, L) take nothing (the forward gathered zeros for them): their gradient is dropped."""
     B, J, C = grad.shape
-    acc = torch.zeros(B, L, C, dtype=torch.float32, device=grad.device)
-    acc.scatter_add_(1, idx.long().expand(B, J)[..., None].expand(B, J, C), grad.float())
-    return acc.to(grad.dtype)
+    idx = idx.long().expand(B, J)
+    idx = torch.where((idx >= 0) & (idx < L), idx, L)
+    ct = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(B, L + 1, C, dtype=ct, device=grad.device)
+    acc.scatter_add_(1, idx[..., None].expand(B, J, C), grad.to(ct))
+    return acc[:, :L].to(grad.dtype).contiguous()
 
 
 def draw_reference(
@@ -80,13 +86,17 @@ def draw_reference(
 # ---- kernel backends -----------------------------------------------------------------------
 
 
-def _gather_triton(x, idx, pos, n_valid):
+def _gather_ref(x, idx, pos, n_valid, inv=None):
+    return gather_reference(x, idx, pos, n_valid)
+
+
+def _gather_triton(x, idx, pos, n_valid, inv=None):
     from fastvl.kernels.tokens import gather
 
-    return gather(x, idx, pos, n_valid)
+    return gather(x, idx, pos, n_valid, inv)
 
 
-def _gather_cuda(x, idx, pos, n_valid):
+def _gather_cuda(x, idx, pos, n_valid, inv=None):
     from fastvl import _ext
     from fastvl.kernels.utils import empty
 
@@ -95,18 +105,33 @@ def _gather_cuda(x, idx, pos, n_valid):
     return out
 
 
-def _scatter_triton(grad, idx, L):
-    from fastvl.kernels.tokens import scatter_add
+def _pos_grad(full, need_pos):
+    ct = torch.float64 if full.dtype == torch.float64 else torch.float32
+    return full.sum(0, dtype=ct).to(full.dtype) if need_pos else full.new_empty(0)
 
-    return scatter_add(grad, idx, L)
+
+def _scatter_ref(grad, idx, inv, L, need_dx, need_pos):
+    full = scatter_reference(grad, idx, L)
+    return full if need_dx else full.new_empty(0), _pos_grad(full, need_pos)
 
 
-def _scatter_cuda(grad, idx, L):
+def _scatter_triton(grad, idx, inv, L, need_dx, need_pos):
+    from fastvl.kernels.tokens import gather_backward
+
+    dx, dpos = gather_backward(grad, idx, L, inv, need_dx, need_pos)
+    return dx if dx is not None else grad.new_empty(0), dpos if dpos is not None else grad.new_empty(0)
+
+
+def _scatter_cuda(grad, idx, inv, L, need_dx, need_pos):
     from fastvl import _ext
 
-    acc = torch.zeros(grad.shape[0], L, grad.shape[2], dtype=torch.float32, device=grad.device)
-    _ext.module().scatter_add(grad, idx, acc)
-    return acc.to(grad.dtype)
+    if inv is not None:  # unique indices: a gather through the inverse map (slots >= K give zeros)
+        full = _gather_cuda(grad, inv, None, idx.shape[1])
+    else:
+        acc = torch.zeros(grad.shape[0], L, grad.shape[2], dtype=torch.float32, device=grad.device)
+        _ext.module().scatter_add(grad, idx, acc)
+        full = acc.to(grad.dtype)
+    return full if need_dx else full.new_empty(0), _pos_grad(full, need_pos)
 
 
 def _draw_triton(seed, noise, rows, L, K, mode, mask_dtype, device):
@@ -118,8 +143,8 @@ def _draw_triton(seed, noise, rows, L, K, mode, mask_dtype, device):
     return keep, inv, mask if mask is not None else torch.empty(0, dtype=mask_dtype, device=device)
 
 
-_GATHER = {"reference": gather_reference, "triton": _gather_triton, "cuda": _gather_cuda}
-_SCATTER = {"reference": scatter_reference, "triton": _scatter_triton, "cuda": _scatter_cuda}
+_GATHER = {"reference": _gather_ref, "triton": _gather_triton, "cuda": _gather_cuda}
+_SCATTER = {"reference": _scatter_ref, "triton": _scatter_triton, "cuda": _scatter_cuda}
 _DRAW = {"reference": draw_reference, "triton": _draw_triton}
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -146,7 +171,14 @@ def _draw_check(call: Call) -> list[str]:
     return []
 
 
-for _op, _desc in (("gather_tokens", "row gather, + pos on the fly"), ("scatter_tokens", "scatter-add backward")):
+_CUDA = {
+    "gather_tokens": (30, "16-byte vectorised rows (fastvl._C)"),
+    "scatter_tokens": (10, "fp32 atomics into a zeroed buffer + a cast, pos gradient a 2nd pass (fastvl._C)"),
+}
+for _op, _desc in (
+    ("gather_tokens", "row gather, + pos on the fly"),
+    ("scatter_tokens", "one pass over the gradient: each dx row written once, + the pos gradient"),
+):
     backends.register(_op, "reference", priority=0, description="torch.gather / scatter_add_")
     backends.register(
         _op,
@@ -159,14 +191,14 @@ for _op, _desc in (("gather_tokens", "row gather, + pos on the fly"), ("scatter_
     backends.register(
         _op,
         "cuda",
-        priority=30,
+        priority=_CUDA[_op][0],
         check=backends.all_of(
             backends.cuda_device_check,
             backends.dtype_check(_KERNEL_DTYPES, "x", "grad"),
             _rows_contiguous("x", "grad", "pos"),
         ),
         available=backends.cuda_ext_available,
-        description="16-byte vectorised rows (fastvl._C)",
+        description=_CUDA[_op][1],
     )
 backends.register("draw_tokens", "reference", priority=0, description="torch.rand + argsort (MAE's code)")
 backends.register(
@@ -217,34 +249,42 @@ backends.register_example(
 
 
 @torch.library.custom_op("fastvl::scatter_tokens", mutates_args=())
-def _scatter_op(grad: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None, L: int, backend: str) -> torch.Tensor:
-    if inv is not None:  # unique indices: the backward is a gather through the inverse map
-        call = Call("gather_tokens", {"x": grad, "idx": inv}, {"n_valid": idx.shape[1]})
-        return run(_GATHER, backend, call, grad, inv, None, idx.shape[1])
-    call = Call("scatter_tokens", {"grad": grad, "idx": idx}, {"L": L})
-    return run(_SCATTER, backend, call, grad, idx, L)
+def _scatter_op(
+    grad: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None, L: int, need_dx: bool, need_pos: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (B, L, C) or empty, dpos (L, C) = dx.sum(0) or empty); inv (the slot of each token) = unique indices."""
+    call = Call("scatter_tokens", {"grad": grad, "idx": idx, "inv": inv}, {"L": L})
+    return run(_SCATTER, backend, call, grad, idx, inv, L, need_dx, need_pos)
 
 
 @_scatter_op.register_fake
-def _(grad, idx, inv, L, backend):
-    return grad.new_empty(grad.shape[0], L, grad.shape[2])
+def _(grad, idx, inv, L, need_dx, need_pos, backend):
+    dx = grad.new_empty(grad.shape[0], L, grad.shape[2]) if need_dx else grad.new_empty(0)
+    return dx, grad.new_empty(L, grad.shape[2]) if need_pos else grad.new_empty(0)
 
 
 @torch.library.custom_op("fastvl::gather_tokens", mutates_args=())
 def _gather_op(
-    x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None, inv: torch.Tensor | None, backend: str
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    pos: torch.Tensor | None,
+    inv: torch.Tensor | None,
+    backend: str,
+    exact_inverse: bool = False,
 ) -> torch.Tensor:
+    """``exact_inverse``: inv is the inverse of an idx with every entry valid (a draw's), so the forward may
+    write through it (pos read once, not once per sample)."""
     call = Call("gather_tokens", {"x": x, "idx": idx, "pos": pos}, {})
-    return run(_GATHER, backend, call, x, idx, pos, x.shape[1])
+    return run(_GATHER, backend, call, x, idx, pos, x.shape[1], inv if exact_inverse else None)
 
 
 @_gather_op.register_fake
-def _(x, idx, pos, inv, backend):
+def _(x, idx, pos, inv, backend, exact_inverse=False):
     return x.new_empty(x.shape[0], idx.shape[1], x.shape[2])
 
 
 def _gather_setup(ctx, inputs, output):
-    x, idx, pos, inv, backend = inputs
+    x, idx, pos, inv, backend = inputs[:5]
     ctx.save_for_backward(idx, inv)
     ctx.L = x.shape[1]
     ctx.has_pos = pos is not None
@@ -257,11 +297,11 @@ def _gather_backward(ctx, grad):
     need_x = ctx.needs_input_grad[0]
     need_pos = ctx.has_pos and ctx.needs_input_grad[2]
     if need_x or need_pos:
-        full = _scatter_op(grad.contiguous(), idx, inv, ctx.L, ctx.backend)
-        gx = full if need_x else None
-        if need_pos:
-            gpos = full.sum(0, dtype=torch.float32).to(grad.dtype)
-    return gx, None, gpos, None, None
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()  # the cuda kernels read whole rows
+        dx, dpos = _scatter_op(grad, idx, inv, ctx.L, need_x, need_pos, ctx.backend)
+        gx = dx if need_x else None
+        gpos = dpos if need_pos else None
+    return gx, None, gpos, None, None, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -357,16 +397,20 @@ def gather_tokens(
     """Gather tokens: ``x (B, L, C)``, ``idx (B, K)`` (or ``(K,)`` / ``(1, K)`` shared by the batch,
     int32/int64 in ``[0, L)``) -> ``(B, K, C)``; with ``pos (L, C)``, ``pos[idx]`` is added on the fly.
 
-    Backward scatters into zeros, duplicate indices summed (fp32 accumulation). ``unique_indices=True``
-    promises no duplicates and turns the backward into a deterministic gather. ``check_bounds`` costs one
-    device sync; turn it off for indices you generated.
+    Backward scatters into zeros, duplicate indices summed in fp32, in a fixed order (deterministic).
+    ``unique_indices=True`` promises no duplicates and turns the backward into a copy through the inverse
+    map. ``check_bounds`` costs one device sync; turn it off for indices you generated. Without it, an
+    index outside ``[0, L)`` gathers a zero row and its gradient is dropped (never written out of bounds).
     """
     idx, pos = _check_gather(x, idx, pos, check_bounds)
     inv = None
     if unique_indices and torch.is_grad_enabled() and (x.requires_grad or (pos is not None and pos.requires_grad)):
-        K = idx.shape[1]
-        inv = torch.full((idx.shape[0], x.shape[1]), K, dtype=torch.int64, device=x.device)
-        inv.scatter_(1, idx.long(), torch.arange(K, device=x.device).expand(idx.shape[0], K))
+        K, L = idx.shape[1], x.shape[1]
+        at = idx.long()
+        at = torch.where((at >= 0) & (at < L), at, L)  # out-of-range indices: a spare column, dropped
+        inv = torch.full((idx.shape[0], L + 1), K, dtype=torch.int64, device=x.device)
+        inv.scatter_(1, at, torch.arange(K, device=x.device).expand(idx.shape[0], K))
+        inv = inv[:, :L]
     return _gather_op(x, idx, pos, inv, _request("gather_tokens", backend))
 
 
@@ -430,8 +474,7 @@ def drop_tokens(
     keep, inv, _ = _draw_op(
         _seed(generator, x.device), None, rows, L, K, MODE_DROP, x.dtype, x.device, _request("draw_tokens", backend)
     )
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or (pos is not None and pos.requires_grad))
-    kept = _gather_op(x, keep, pos, inv if need_grad else None, _request("gather_tokens", backend))
+    kept = _gather_op(x, keep, pos, inv, _request("gather_tokens", backend), True)
     return kept, keep.expand(x.shape[0], K)
 
 
@@ -495,6 +538,5 @@ def random_masking(
         x.device,
         _request("draw_tokens", backend),
     )
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or (pos is not None and pos.requires_grad))
-    visible = _gather_op(x, keep, pos, ids_restore if need_grad else None, _request("gather_tokens", backend))
+    visible = _gather_op(x, keep, pos, ids_restore, _request("gather_tokens", backend), True)
     return visible, mask, ids_restore
