@@ -7,7 +7,8 @@ Three registry ops serve the public functions:
                      ``need_pos`` also the positional gradient (the sum over the batch), in the same pass
   ``draw_tokens``    a uniform random order per row: the first K of it (kept) and its inverse map
 The Triton path is two launches for drop/mask: draw (pairwise ranking of Philox keys, no sort) and
-gather (+pos on the fly); the backward is one gather launch through the inverse map.
+gather (+pos on the fly, written through the inverse map when that reads pos once); the backward is one
+launch through the inverse map, producing dx and the pos gradient together.
 """
 
 from __future__ import annotations
