@@ -53,7 +53,7 @@ def warps_for(block_elems: int) -> int:
 
 
 def device_of(*tensors) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device`` of the first CUDA tensor given (a no-op for CPU tensors and the interpreter).
+    """``torch.cuda.device`` of the first CUDA tensor (or CUDA ``torch.device``) given; a no-op otherwise.
 
     Triton launches on the *current* device; a tensor on ``cuda:1`` while ``cuda:0`` is current would
     otherwise be read by a kernel running on the wrong device.
@@ -61,6 +61,8 @@ def device_of(*tensors) -> contextlib.AbstractContextManager:
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_cuda:
             return torch.cuda.device(t.device)
+        if isinstance(t, torch.device) and t.type == "cuda":  # a launcher's device= argument
+            return torch.cuda.device(t)
     return contextlib.nullcontext()
 
 
