@@ -456,3 +456,26 @@ def test_gpu_masking_large(dtype):
         assert torch.equal(vis, ev)
         kept, ids = fastvl.ops.drop_tokens(x, 0.5, pos=pos, backend=backend)
         assert torch.equal(kept, gather_reference(x.detach(), ids, pos))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unique", [True, False])
+def test_gpu_backward_bf16(unique):
+    # bf16 at a VATT-M-like shape: the fused dx + dpos backward (inverse map, or counting sort for repeats)
+    B, L, C, K = 16, 1568, 1024, 784
+    x = torch.randn(B, L, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(L, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if unique:
+        idx = torch.argsort(torch.rand(B, L, device="cuda"), dim=1)[:, :K]
+    else:
+        idx = torch.randint(0, L, (B, K), device="cuda")
+    for backend in kernel_backends("triton", "cuda"):
+        x.grad = pos.grad = None
+        out = fastvl.ops.gather_tokens(x, idx, pos, unique_indices=unique, backend=backend)
+        g = torch.randn_like(out)
+        out.backward(g)
+        xr = x.detach().double().requires_grad_(True)
+        pr = pos.detach().double().requires_grad_(True)
+        gather_reference(xr, idx, pr).backward(g.double())
+        assert_close(x.grad, xr.grad, torch.bfloat16, name=f"{backend} grad x")
+        assert_close(pos.grad, pr.grad, torch.bfloat16, rtol=5e-2, name=f"{backend} grad pos")
