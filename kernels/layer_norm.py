@@ -292,10 +292,13 @@ def _bwd_config(C: int, device: torch.device) -> tuple[int, int, int, int]:
     return BLOCK_R, BLOCK_C, min(16, max(8, BLOCK_R * BLOCK_C // 512)), 2
 
 
-def _programs(tiles: int, per_sm: int, device: torch.device) -> int:
+def _programs(M: int, BLOCK_R: int, per_sm: int, min_rows: int, device: torch.device) -> int:
+    """Persistent grid: per_sm programs per SM, each owning at least min_rows rows (a program's fixed
+    traffic, w and b or a partial row, is C elements: min_rows bounds it against its rows' traffic)."""
+    tiles = triton.cdiv(M, BLOCK_R)
     if not use_gpu_configs(device):
         return max(1, min(tiles, 4))
-    return max(1, min(tiles, per_sm * sm_count(device)))
+    return max(1, min(tiles, per_sm * sm_count(device), M // min_rows))
 
 
 @on_tensor_device
@@ -315,7 +318,7 @@ def layer_norm_forward(
     if M == 0:
         return y, h, mean, rstd
     BLOCK_R, BLOCK_C, warps, per_sm = _fwd_config(C, x.device)
-    G = _programs(triton.cdiv(M, BLOCK_R), per_sm, x.device)
+    G = _programs(M, BLOCK_R, per_sm, 8, x.device)
     rows_per_prog = triton.cdiv(triton.cdiv(M, G), BLOCK_R) * BLOCK_R
     G = triton.cdiv(M, rows_per_prog)
     r = residual if residual is not None else x
@@ -348,7 +351,7 @@ def layer_norm_backward(
     BLOCK_R, BLOCK_C, warps, per_sm = _bwd_config(C, x.device)
     wide = C > ONE_PASS_COLS
     chunks = triton.cdiv(C, BLOCK_C) if wide else 1
-    G = _programs(triton.cdiv(M, BLOCK_R), max(1, per_sm // chunks) if wide else per_sm, x.device) if M else 0
+    G = _programs(M, BLOCK_R, max(1, per_sm // chunks) if wide else per_sm, 16, x.device) if M else 0
     rows_per_prog = triton.cdiv(triton.cdiv(M, G), BLOCK_R) * BLOCK_R if M else 0
     G = triton.cdiv(M, rows_per_prog) if M else 0
     dw_part = empty((G, C), torch.float32, x.device) if need_dw else None
