@@ -37,6 +37,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "Call",
+    "custom_op",
     "Plan",
     "Request",
     "backends",
@@ -118,25 +119,29 @@ _CONTEXT: list[str | Mapping[str, str]] = []  # module-level so torch.compile ca
 def register(
     op: str,
     name: str,
-    *,
     priority: int,
     capabilities: Capabilities | tuple[Capabilities, ...] = Capabilities(),
+    *,
     check: Check | None = None,
     requires: str | None = None,
     available: Callable[[], list[str]] | None = None,
-    impls: Mapping[str, Callable[..., Any]] | None = None,
     peer: bool = False,
     description: str = "",
+    **impls: Callable[..., Any],
 ) -> Backend:
-    """Register (or replace) backend ``name`` for ``op``; higher ``priority`` wins under auto.
+    """Register (or replace) backend ``name`` of ``op``; higher ``priority`` wins under auto.
 
-    ``requires`` names a module that must be importable (``"triton"``, ``"flash_attn"``, ``"fastvl._C"``);
-    ``available`` replaces that test with a function returning the reasons the backend is missing."""
+    ``impls`` are the backend's implementations by role (``forward=``, ``backward=``, ...); ``description``
+    defaults to the first line of the first one's docstring. ``requires`` names a module that must be
+    importable (``"triton"``, ``"flash_attn"``, ``"fastvl._C"``); ``available`` replaces that test with a
+    function returning the reasons the backend is missing."""
     if available is None:
         available = (lambda: list(caps_.module_reasons(requires))) if requires else (lambda: [])
+    if not description and impls:
+        description = (next(iter(impls.values())).__doc__ or "").strip().split("\n")[0]
     b = Backend(
-        op, name, priority, caps_.declarations(capabilities), check or no_special_case, available,
-        dict(impls or {}), requires, peer, description,
+        op, name, priority, caps_.declarations(capabilities), check or no_special_case, available, impls, requires,
+        peer, description,
     )  # fmt: skip
     _REGISTRY.setdefault(op, {})[name] = b
     return b
@@ -287,6 +292,12 @@ def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     """A stand-in for a tensor a call makes later (a draw's indices, a backward's gradient) in a :class:`Call`:
     its shape, dtype and device, unit stride on the last dim, one row of storage."""
     return torch.empty_strided(shape, (0,) * (len(shape) - 1) + (1,), dtype=dtype, device=device)
+
+
+def custom_op(name: str, schema: str):
+    """Decorator: ``fastvl::name`` as a ``torch.library`` custom op with the given schema (``"(Tensor x, ...,
+    str backend) -> Tensor"``: flat tensors and scalars, the chosen backend last). fastvl's ops mutate nothing."""
+    return torch.library.custom_op(f"fastvl::{name}", mutates_args=(), schema=schema)
 
 
 def public_op(prepare: Callable[..., Plan]):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastvl import env
+from fastvl.rules import KERNEL_DTYPES
 from fastvl.validate import dtype_names
 
 if TYPE_CHECKING:
@@ -101,6 +102,23 @@ class Capabilities:
             "limits": "; ".join(limits) or "-",
             "features": ", ".join(features) or "-",
         }
+
+
+INTERPRETED_DTYPES = (torch.float16, torch.float32)
+"""The floating dtypes the Triton interpreter computes correctly (its bf16 arithmetic is wrong)."""
+
+
+def triton_kernel(**declared) -> Capabilities:
+    """A fastvl Triton kernel that computes on floating data: CUDA tensors (CPU ones through the Triton
+    interpreter when the backend is named), float16 / bfloat16 / float32, bfloat16 not interpreted."""
+    return Capabilities(
+        devices=("cuda",), interpreter=True, dtypes=KERNEL_DTYPES, interpreted_dtypes=INTERPRETED_DTYPES, **declared
+    )
+
+
+TRITON_COPY = Capabilities(devices=("cuda",), interpreter=True)
+"""A fastvl Triton kernel that only moves data: any dtype, CUDA tensors (CPU ones through the interpreter when
+the backend is named)."""
 
 
 def declarations(caps: Capabilities | tuple[Capabilities, ...]) -> tuple[Capabilities, ...]:

@@ -66,13 +66,9 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale, *, backend: str | N
 
 
 def mil_nce_loss(
-    video: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale,
-    valid: torch.Tensor | None = None,
-    *,
+    video: torch.Tensor, text: torch.Tensor, logit_scale, valid: torch.Tensor | None = None, *,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """VATT's MIL-NCE over the global batch: ``video (B, D)``, ``text (B, P, D)``, ``valid (B,)``."""
     w = _world()
     if w is None:

@@ -22,7 +22,7 @@ import math
 import torch
 
 from fastvl import rules, validate
-from fastvl.backends import Call, Plan, Request, get, implementation, public_op
+from fastvl.backends import Call, Plan, Request, custom_op, get, implementation, public_op
 
 from . import backends
 from .reference import AttentionOptions, attention_reference, attention_reference_backward, roll_rows
@@ -41,64 +41,35 @@ __all__ = [
 
 OP = backends.OP
 
-# ---- custom ops (flat arguments: q, k, v, AttentionOptions.flat(), backend) ---------------------
+# ---- custom ops: q, k, v (dout, out, lse), the options flattened, the chosen backend ---------------------
+
+_OPTIONS = AttentionOptions.schema()
 
 
-@torch.library.custom_op("fastvl::flash_attention", mutates_args=())
-def _attn_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    num_frames: int,
-    scale: float,
-    causal: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    opts = AttentionOptions(
-        key_padding_mask, shift, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_frames, scale, causal
-    )
-    return implementation(OP, backend, "forward")(q, k, v, opts)
+@custom_op("flash_attention", f"(Tensor q, Tensor k, Tensor v, {_OPTIONS}, str backend) -> (Tensor, Tensor)")
+def _attn_op(q, k, v, *options_and_backend):
+    *options, backend = options_and_backend
+    return implementation(OP, backend, "forward")(q, k, v, AttentionOptions(*options))
 
 
 @_attn_op.register_fake
-def _(q, k, v, key_padding_mask, shift, cu_seqlens_q, *_options_and_backend):
+def _(q, k, v, key_padding_mask, shift, cu_seqlens_q, *_):
     rows = q.shape[0] if cu_seqlens_q is not None else q.shape[0] * q.shape[1]
     return q.new_empty(q.shape), q.new_empty((q.shape[-2], rows), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastvl::flash_attention_backward", mutates_args=())
-def _attn_bwd_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    num_frames: int,
-    scale: float,
-    causal: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = AttentionOptions(
-        key_padding_mask, shift, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_frames, scale, causal
-    )
-    return implementation(OP, backend, "backward")(dout, q, k, v, out, lse, opts)
+@custom_op(
+    "flash_attention_backward",
+    f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPTIONS}, str backend) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def _attn_bwd_op(dout, q, k, v, out, lse, *options_and_backend):
+    *options, backend = options_and_backend
+    return implementation(OP, backend, "backward")(dout, q, k, v, out, lse, AttentionOptions(*options))
 
 
 @_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, *_options_and_backend):
+def _(dout, q, k, v, *_):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -180,18 +151,9 @@ class AttentionPlan(Plan):
 
 
 def prepare(
-    q,
-    k,
-    v,
-    *,
-    softmax_scale=None,
-    causal=False,
-    key_padding_mask=None,
-    deterministic=False,
-    frame_offsets=None,
-    num_frames=1,
-    backend=None,
-) -> AttentionPlan:
+    q, k, v, *, softmax_scale=None, causal=False, key_padding_mask=None, deterministic=False, frame_offsets=None,
+    num_frames=1, backend=None,
+) -> AttentionPlan:  # fmt: skip
     """Validate a :func:`flash_attention` call and plan its dispatch."""
     _check_qkv(OP, q, k, v, "(N, Sq, H, D)", "(N, Sk, H, D)", 4)
     N, Sq, H, D = q.shape
@@ -291,19 +253,9 @@ def _check_cu(op, name, cu, total, max_seqlen, device):
 
 
 def prepare_varlen(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    *,
-    softmax_scale=None,
-    causal=False,
-    deterministic=False,
-    backend=None,
-) -> AttentionPlan:
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None, causal=False,
+    deterministic=False, backend=None,
+) -> AttentionPlan:  # fmt: skip
     """Validate a :func:`flash_attention_varlen` call and plan its dispatch."""
     op = "flash_attention_varlen"
     _check_qkv(op, q, k, v, "(total_q, H, D)", "(total_k, H, D)", 3)

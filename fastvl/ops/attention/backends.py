@@ -23,12 +23,14 @@ Why auto ranks them as it does (not measured on a GPU yet; revisit with benchmar
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from fastvl import backends
 from fastvl.backends import Call
-from fastvl.capabilities import Capabilities, Limit
+from fastvl.capabilities import Capabilities, Limit, triton_kernel
 from fastvl.rules import KERNEL_DTYPES, roll_count
 
 from .reference import AttentionOptions, attention_reference, attention_reference_backward
@@ -55,6 +57,7 @@ def _kernel_args(opts: AttentionOptions) -> dict:
 
 
 def attention_triton(q, k, v, opts: AttentionOptions):
+    """FA2-style flash attention: key padding, varlen, roll offsets, deterministic backward."""
     from fastvl.kernels.attention import attention_forward
 
     return attention_forward(q, k, v, **_kernel_args(opts))
@@ -70,6 +73,7 @@ def attention_triton_backward(dout, q, k, v, out, lse, opts: AttentionOptions):
 
 
 def sdpa(q, k, v, kpm, scale, causal, deterministic):
+    """torch scaled_dot_product_attention (CUDA flash/cuDNN; on the CPU torch's fused kernel)."""
     mask, empty_rows = None, None
     if kpm is not None:
         empty_rows = kpm.all(1)  # sequences with every key padded: attend to all, then zero (no NaN)
@@ -83,6 +87,7 @@ def sdpa(q, k, v, kpm, scale, causal, deterministic):
 
 
 def flash_attn(q, k, v, kpm, scale, causal, deterministic):
+    """flash-attn package (flash_attn_func / flash_attn_varlen_func)."""
     from flash_attn import flash_attn_func
 
     return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, deterministic=deterministic)
@@ -98,6 +103,7 @@ def flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, determin
 
 
 def xformers(q, k, v, kpm, scale, causal, deterministic):
+    """xformers memory_efficient_attention."""
     import xformers.ops as xops
 
     bias = xops.LowerTriangularMask() if causal else None
@@ -106,17 +112,20 @@ def xformers(q, k, v, kpm, scale, causal, deterministic):
 
 # ---- declarations ------------------------------------------------------------------------------
 
-_ROLLED = "frame_offsets: roll-aware addressing is fastvl's own ({name} would need rolled copies of q, k, v)"
 _TOP_LEFT = "causal with Sq={Sq} != Sk={Sk}: {what} is top-left aligned, fastvl's bottom-right"
 
 
-def _peer_notes(name: str, **notes: str) -> dict[str, str]:
-    return {"frame_offsets": _ROLLED.replace("{name}", name)} | notes
-
-
-def _head_dim(who: str, maximum: int, multiple_of: int | None = None) -> Limit:
-    what = f"D % {multiple_of} == 0 and D <= {maximum}" if multiple_of else f"D <= {maximum}"
-    return Limit("D", "head dim D", maximum, multiple_of, why=f"{who} need {what}")
+def fused_peer(name: str, dtypes, features: set[str], **notes: str) -> Capabilities:
+    """A peer library's fused CUDA attention: head dims that are multiples of 8 up to 256, no roll offsets."""
+    rolled = f"frame_offsets: roll-aware addressing is fastvl's own ({name} would need rolled copies of q, k, v)"
+    return Capabilities(
+        devices=("cuda",),
+        dtypes=dtypes,
+        dtype_args=("q",),
+        limits=(Limit("D", "head dim D", 256, 8, why=f"{name}'s fused kernels need D % 8 == 0 and D <= 256"),),
+        features=frozenset(features),
+        notes={"frame_offsets": rolled} | notes,
+    )
 
 
 def sdpa_special_case(call: Call) -> list[str]:
@@ -126,12 +135,8 @@ def sdpa_special_case(call: Call) -> list[str]:
     return []
 
 
-TRITON = Capabilities(
-    devices=("cuda",),
-    interpreter=True,
-    dtypes=KERNEL_DTYPES,
+TRITON = triton_kernel(
     dtype_args=("q",),
-    interpreted_dtypes=(torch.float16, torch.float32),
     limits=(
         Limit("D", "head dim D", 128, why="the kernel keeps a (block, D) tile of q, k, v and the accumulator on chip"),
         Limit("NH", "N*H", 65535, why="the launch grid's second dimension"),
@@ -151,16 +156,11 @@ SDPA = (
         features=frozenset({"key_padding_mask", "frame_offsets", "deterministic", "causal"}),
         notes=_SDPA_NOTES,
     ),
-    Capabilities(
-        devices=("cuda",),
-        dtypes=KERNEL_DTYPES,
-        dtype_args=("q",),
-        auto_dtypes=_HALF,  # float32 only by name: SDPA then leaves its flash/cuDNN kernels
-        limits=(_head_dim("SDPA's flash/cuDNN kernels", 256, 8),),
-        features=frozenset({"key_padding_mask", "causal"}),
-        named_only=frozenset({"key_padding_mask"}),
-        notes=_peer_notes(
+    dataclasses.replace(
+        fused_peer(
             "sdpa",
+            KERNEL_DTYPES,
+            {"key_padding_mask", "causal"},
             **_SDPA_NOTES,
             auto_dtypes="SDPA leaves its flash/cuDNN kernels for float32",
             deterministic="deterministic=True: SDPA's fused backward kernels do not promise bitwise-repeatable "
@@ -168,82 +168,38 @@ SDPA = (
             key_padding_mask="key_padding_mask: a mask moves SDPA off its flash/cuDNN kernels; fastvl's triton "
             "kernel masks natively (name backend='sdpa' to use SDPA's masked path anyway)",
         ),
+        auto_dtypes=_HALF,  # float32 only by name: SDPA then leaves its flash/cuDNN kernels
+        named_only=frozenset({"key_padding_mask"}),
     ),
 )
-FLASH_ATTN = Capabilities(
-    devices=("cuda",),
-    dtypes=_HALF,
-    dtype_args=("q",),
-    limits=(_head_dim("flash_attn's kernels", 256, 8),),
-    features=frozenset({"varlen", "deterministic", "causal", "causal_bottom_right"}),
-    notes=_peer_notes(
-        "flash_attn",
-        key_padding_mask="key_padding_mask: fastvl does not unpad for flash_attn (pass packed sequences to the "
-        "varlen op)",
-    ),
+FLASH_ATTN = fused_peer(
+    "flash_attn",
+    _HALF,
+    {"varlen", "deterministic", "causal", "causal_bottom_right"},
+    key_padding_mask="key_padding_mask: fastvl does not unpad for flash_attn (pass packed sequences to the varlen op)",
 )
-XFORMERS = Capabilities(
-    devices=("cuda",),
-    dtypes=KERNEL_DTYPES,
-    dtype_args=("q",),
-    limits=(_head_dim("xformers' fused kernels", 256, 8),),
-    features=frozenset({"causal"}),
-    notes=_peer_notes(
-        "xformers",
-        varlen="varlen: fastvl does not build xformers' block-diagonal bias",
-        key_padding_mask="key_padding_mask: fastvl does not build an xformers bias for it",
-        deterministic="deterministic=True: xformers' backward is not bitwise repeatable",
-        causal_bottom_right=_TOP_LEFT.replace("{what}", "xformers' LowerTriangularMask"),
-    ),
+XFORMERS = fused_peer(
+    "xformers",
+    KERNEL_DTYPES,
+    {"causal"},
+    varlen="varlen: fastvl does not build xformers' block-diagonal bias",
+    key_padding_mask="key_padding_mask: fastvl does not build an xformers bias for it",
+    deterministic="deterministic=True: xformers' backward is not bitwise repeatable",
+    causal_bottom_right=_TOP_LEFT.replace("{what}", "xformers' LowerTriangularMask"),
 )
 
 backends.register(
-    OP,
-    "reference",
-    priority=0,
-    capabilities=Capabilities(features=FEATURES),
-    impls={"forward": attention_reference, "backward": attention_reference_backward},
-    description="plain PyTorch math in fp32 (the spec)",
-)
+    OP, "reference", 0, Capabilities(features=FEATURES), forward=attention_reference,
+    backward=attention_reference_backward, description="plain PyTorch math in fp32 (the spec)",
+)  # fmt: skip
 backends.register(
-    OP,
-    "triton",
-    priority=20,
-    capabilities=TRITON,
-    requires="triton",
-    impls={"forward": attention_triton, "backward": attention_triton_backward},
-    description="FA2-style flash attention: key padding, varlen, roll offsets, deterministic backward",
+    OP, "triton", 20, TRITON, requires="triton", forward=attention_triton, backward=attention_triton_backward
 )
+backends.register(OP, "sdpa", 30, SDPA, check=sdpa_special_case, peer=True, forward=sdpa)
 backends.register(
-    OP,
-    "sdpa",
-    priority=30,
-    capabilities=SDPA,
-    check=sdpa_special_case,
-    impls={"forward": sdpa},
-    peer=True,
-    description="torch scaled_dot_product_attention (CUDA flash/cuDNN; on the CPU torch's fused kernel)",
+    OP, "flash_attn", 40, FLASH_ATTN, requires="flash_attn", peer=True, forward=flash_attn, varlen=flash_attn_varlen
 )
-backends.register(
-    OP,
-    "flash_attn",
-    priority=40,
-    capabilities=FLASH_ATTN,
-    requires="flash_attn",
-    impls={"forward": flash_attn, "varlen": flash_attn_varlen},
-    peer=True,
-    description="flash-attn package (flash_attn_func / flash_attn_varlen_func)",
-)
-backends.register(
-    OP,
-    "xformers",
-    priority=25,
-    capabilities=XFORMERS,
-    requires="xformers",
-    impls={"forward": xformers},
-    peer=True,
-    description="xformers memory_efficient_attention",
-)
+backends.register(OP, "xformers", 25, XFORMERS, requires="xformers", peer=True, forward=xformers)
 
 
 def example(device: torch.device, small: bool):

@@ -35,7 +35,14 @@ class AttentionOptions:
         return self.cu_seqlens_q is not None
 
     def flat(self) -> tuple:
+        """The fields in order: the custom ops' arguments after q, k, v (and dout, out, lse)."""
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    @classmethod
+    def schema(cls) -> str:
+        """The fields as a custom-op schema fragment, ``"Tensor? key_padding_mask, ..., bool causal"``."""
+        types = {"torch.Tensor | None": "Tensor?", "int": "SymInt", "float": "float", "bool": "bool"}
+        return ", ".join(f"{types[f.type]} {f.name}" for f in dataclasses.fields(cls))
 
 
 def roll_rows(x: torch.Tensor, shift: torch.Tensor, num_frames: int, inverse: bool = False) -> torch.Tensor:
@@ -113,14 +120,9 @@ def attention_reference(
 
 
 def attention_reference_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     opts: AttentionOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The attention backward written out (P recomputed): ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum)``,
     ``dQ = scale dS K``, ``dK = scale dS^T Q``, in fp32 (fp64 for fp64)."""
     if opts.varlen:

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from fastvl import validate
-from fastvl.backends import Call, Plan, Request, implementation, public_op
+from fastvl.backends import Call, Plan, Request, custom_op, implementation, public_op
 from fastvl.rules import compute_dtype
 
 from . import backends, chunked
@@ -63,16 +63,11 @@ __all__ = [
 # ---- custom ops (``op``: the loss whose backends serve the call; ``backend``: the chosen one) ----------
 
 
-@torch.library.custom_op("fastvl::contrastive_lse", mutates_args=())
-def _lse_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: torch.Tensor,
-    col_mask: torch.Tensor | None,
-    symmetric: bool,
-    op: str,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op(
+    "contrastive_lse",
+    "(Tensor q, Tensor k, Tensor scale, Tensor? col_mask, bool symmetric, str op, str backend) -> (Tensor, Tensor)",
+)
+def _lse_op(q, k, scale, col_mask, symmetric, op, backend):
     return implementation(op, backend, "lse")(q, k, scale, col_mask, symmetric)
 
 
@@ -82,28 +77,21 @@ def _(q, k, scale, col_mask, symmetric, op, backend):
     return q.new_empty(q.shape[0], dtype=cd), q.new_empty(k.shape[0] if symmetric else 0, dtype=cd)
 
 
-@torch.library.custom_op("fastvl::contrastive_lse_backward", mutates_args=())
-def _lse_bwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: torch.Tensor,
-    col_mask: torch.Tensor | None,
-    alpha: torch.Tensor,
-    rho: torch.Tensor,
-    beta: torch.Tensor,
-    gamma: torch.Tensor,
-    need_q: bool,
-    need_k: bool,
-    op: str,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    run = implementation(op, backend, "lse_backward")
-    dq, dk, ds = run(q, k, scale, col_mask, alpha, rho, beta, gamma, need_q, need_k)
-    return (
-        dq if dq is not None else q.new_empty(0),
-        dk if dk is not None else k.new_empty(0),
-        ds.reshape(scale.shape).to(scale.dtype),
-    )
+def _present(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Custom ops return tensors: an absent gradient travels as an empty one."""
+    return grad if grad is not None else like.new_empty(0)
+
+
+@custom_op(
+    "contrastive_lse_backward",
+    "(Tensor q, Tensor k, Tensor scale, Tensor? col_mask, Tensor alpha, Tensor rho, Tensor beta, Tensor gamma, "
+    "bool need_q, bool need_k, str op, str backend) -> (Tensor, Tensor, Tensor)",
+)
+def _lse_bwd_op(*args):
+    *args, op, backend = args
+    q, k, scale = args[:3]
+    dq, dk, ds = implementation(op, backend, "lse_backward")(*args)
+    return _present(dq, q), _present(dk, k), ds.reshape(scale.shape).to(scale.dtype)
 
 
 @_lse_bwd_op.register_fake
@@ -147,10 +135,10 @@ def _lse_backward(ctx, g_row, g_col):
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 
-@torch.library.custom_op("fastvl::siglip_loss_sum", mutates_args=())
-def _siglip_op(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int, op: str, backend: str
-) -> torch.Tensor:
+@custom_op(
+    "siglip_loss_sum", "(Tensor q, Tensor k, Tensor scale, Tensor bias, SymInt offset, str op, str backend) -> Tensor"
+)
+def _siglip_op(q, k, scale, bias, offset, op, backend):
     out = implementation(op, backend, "siglip")(q, k, scale, bias, offset)
     return out.reshape(()).to(compute_dtype(q.dtype))
 
@@ -160,23 +148,18 @@ def _(q, k, scale, bias, offset, op, backend):
     return q.new_empty((), dtype=compute_dtype(q.dtype))
 
 
-@torch.library.custom_op("fastvl::siglip_loss_backward", mutates_args=())
-def _siglip_bwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    grad: torch.Tensor,
-    offset: int,
-    need_q: bool,
-    need_k: bool,
-    op: str,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, ds, db = implementation(op, backend, "siglip_backward")(q, k, scale, bias, grad, offset, need_q, need_k)
+@custom_op(
+    "siglip_loss_backward",
+    "(Tensor q, Tensor k, Tensor scale, Tensor bias, Tensor grad, SymInt offset, bool need_q, bool need_k, "
+    "str op, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _siglip_bwd_op(*args):
+    *args, op, backend = args
+    q, k, scale, bias = args[:4]
+    dq, dk, ds, db = implementation(op, backend, "siglip_backward")(*args)
     return (
-        dq if dq is not None else q.new_empty(0),
-        dk if dk is not None else k.new_empty(0),
+        _present(dq, q),
+        _present(dk, k),
         ds.reshape(scale.shape).to(scale.dtype),
         db.reshape(bias.shape).to(bias.dtype),
     )
@@ -184,12 +167,8 @@ def _siglip_bwd_op(
 
 @_siglip_bwd_op.register_fake
 def _(q, k, scale, bias, grad, offset, need_q, need_k, op, backend):
-    return (
-        q.new_empty(q.shape if need_q else (0,)),
-        k.new_empty(k.shape if need_k else (0,)),
-        scale.new_empty(scale.shape),
-        bias.new_empty(bias.shape),
-    )
+    dq, dk = q.new_empty(q.shape if need_q else (0,)), k.new_empty(k.shape if need_k else (0,))
+    return dq, dk, scale.new_empty(scale.shape), bias.new_empty(bias.shape)
 
 
 def _siglip_setup(ctx, inputs, output):

@@ -14,8 +14,7 @@ import torch
 
 from fastvl import backends
 from fastvl.backends import Call
-from fastvl.capabilities import Capabilities, KernelConstant, Limit
-from fastvl.rules import KERNEL_DTYPES
+from fastvl.capabilities import KernelConstant, Limit, triton_kernel
 
 from . import chunked
 from .reference import lse_backward_reference, lse_reference, siglip_backward_reference, siglip_sum_reference
@@ -32,6 +31,7 @@ grow as B^2 (B = 32768: 4 GiB per matrix) while chunked stays at a few CHUNK_ELE
 
 
 def lse_triton(q, k, scale, col_mask, symmetric):
+    """Fused tiles in registers, per-row/column LSE, tiles recomputed in backward."""
     from fastvl.kernels.contrastive import lse_forward
 
     return lse_forward(q, k, scale, col_mask, symmetric)
@@ -68,52 +68,26 @@ def chunked_below_threshold(call: Call) -> list[str]:
     return []
 
 
-_IMPLS = {
-    "reference": (lse_reference, lse_backward_reference, siglip_sum_reference, siglip_backward_reference),
-    "chunked": (chunked.lse_chunked, chunked.lse_backward_chunked, chunked.siglip_sum_chunked,
-                chunked.siglip_backward_chunked),
-    "triton": (lse_triton, lse_backward_triton, siglip_triton, siglip_backward_triton),
-}  # fmt: skip
-
-
-def _impls(name: str) -> dict:
-    return dict(zip(("lse", "lse_backward", "siglip", "siglip_backward"), _IMPLS[name]))
-
+_MAX_D = KernelConstant("fastvl.kernels.contrastive", "MAX_D")
+_WIDTH = Limit("D", "feature width D", _MAX_D, why="the fused backward keeps (block, D) tiles in registers")
+REFERENCE = dict(
+    lse=lse_reference, lse_backward=lse_backward_reference, siglip=siglip_sum_reference,
+    siglip_backward=siglip_backward_reference, description="materialised B x B logits (plain PyTorch)",
+)  # fmt: skip
+CHUNKED = dict(
+    lse=chunked.lse_chunked, lse_backward=chunked.lse_backward_chunked, siglip=chunked.siglip_sum_chunked,
+    siglip_backward=chunked.siglip_backward_chunked,
+    description="plain PyTorch over row blocks, online LSE, blocks recomputed in backward: O(B * block) memory",
+)  # fmt: skip
+TRITON = dict(
+    lse=lse_triton, lse_backward=lse_backward_triton, siglip=siglip_triton, siglip_backward=siglip_backward_triton
+)
 
 for op in OPS:
+    backends.register(op, "reference", 0, **REFERENCE)
+    backends.register(op, "chunked", 10, check=chunked_below_threshold, **CHUNKED)
     backends.register(
-        op, "reference", priority=0, impls=_impls("reference"), description="materialised B x B logits (plain PyTorch)"
-    )
-    backends.register(
-        op,
-        "chunked",
-        priority=10,
-        check=chunked_below_threshold,
-        impls=_impls("chunked"),
-        description="plain PyTorch over row blocks, online LSE, blocks recomputed in backward: O(B * block) memory",
-    )
-    backends.register(
-        op,
-        "triton",
-        priority=20,
-        capabilities=Capabilities(
-            devices=("cuda",),
-            interpreter=True,
-            dtypes=KERNEL_DTYPES,
-            dtype_args=ROLES[op],
-            interpreted_dtypes=(torch.float16, torch.float32),
-            limits=(
-                Limit(
-                    "D",
-                    "feature width D",
-                    KernelConstant("fastvl.kernels.contrastive", "MAX_D"),
-                    why="the fused backward keeps (block, D) tiles in registers",
-                ),
-            ),
-        ),  # fmt: skip
-        requires="triton",
-        impls=_impls("triton"),
-        description="fused tiles in registers, per-row/column LSE, tiles recomputed in backward",
+        op, "triton", 20, triton_kernel(dtype_args=ROLES[op], limits=(_WIDTH,)), requires="triton", **TRITON
     )
 
 

@@ -4,12 +4,14 @@ signatures as the references in :mod:`.reference`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from fastvl.rules import compute_dtype
 
-from .reference import lse_weights, masked_row_lse, pair_signs
+from .reference import lse_weights, masked_row_lse, pair_signs, siglip_weights
 
 CHUNK_ELEMS = 1 << 22
 """Logits per block (16 MiB in fp32; rows per block = CHUNK_ELEMS // N)."""
@@ -35,30 +37,8 @@ def lse_chunked(q, k, scale, col_mask, symmetric):
     return row, col
 
 
-def lse_backward_chunked(q, k, scale, col_mask, alpha, rho, beta, gamma, need_q, need_k):
-    cd = compute_dtype(q.dtype)
-    M, N = q.shape[0], k.shape[0]
-    kc, s = k.to(cd), scale.to(cd)
-    alpha, rho, beta, gamma = alpha.to(cd), rho.to(cd), beta.to(cd), gamma.to(cd)
-    dq = torch.empty(q.shape, dtype=cd, device=q.device) if need_q else None
-    dk = torch.zeros(k.shape, dtype=cd, device=k.device) if need_k else None
-    ds = torch.zeros((), dtype=cd, device=q.device)
-    R = rows_per_block(N)
-    for i in range(0, M, R):
-        qc = q[i : i + R].to(cd)
-        dot = qc @ kc.T
-        p = lse_weights(dot * s, col_mask, alpha[i : i + R], rho[i : i + R], beta, gamma)
-        ds += (p * dot).sum()
-        if need_q:
-            dq[i : i + R] = p @ kc
-        if need_k:
-            dk.addmm_(p.T, qc)
-    dq = (dq * s).to(q.dtype) if need_q else None
-    dk = (dk * s).to(k.dtype) if need_k else None
-    return dq, dk, ds
-
-
 def siglip_sum_chunked(q, k, scale, bias, offset):
+    """siglip_sum_reference over row blocks."""
     cd = compute_dtype(q.dtype)
     kc, s, b = k.to(cd), scale.to(cd), bias.to(cd)
     total = torch.zeros((), dtype=cd, device=q.device)
@@ -70,25 +50,53 @@ def siglip_sum_chunked(q, k, scale, bias, offset):
     return total
 
 
-def siglip_backward_chunked(q, k, scale, bias, grad, offset, need_q, need_k):
-    cd = compute_dtype(q.dtype)
-    kc, s, b, gr = k.to(cd), scale.to(cd), bias.to(cd), grad.to(cd)
+def _backward_blocks(q, k, s, need_q, need_k, weights: Callable[[int, torch.Tensor], torch.Tensor]):
+    """The loop both backwards share. Per row block starting at row ``i``, ``G = weights(i, dot)`` is the loss's
+    gradient with respect to the block's logits (``dot = q_block k^T``). Returns ``dq = s G k`` and
+    ``dk = s G^T q`` (None where not needed), ``sum(G * dot)`` (d/dscale) and ``sum(G)`` (d/dbias)."""
+    cd = s.dtype
+    kc = k.to(cd)
     dq = torch.empty(q.shape, dtype=cd, device=q.device) if need_q else None
     dk = torch.zeros(k.shape, dtype=cd, device=k.device) if need_k else None
-    ds = torch.zeros((), dtype=cd, device=q.device)
-    db = torch.zeros((), dtype=cd, device=q.device)
+    g_dot = torch.zeros((), dtype=cd, device=q.device)
+    g_sum = torch.zeros((), dtype=cd, device=q.device)
     R = rows_per_block(k.shape[0])
     for i in range(0, q.shape[0], R):
         qc = q[i : i + R].to(cd)
         dot = qc @ kc.T
-        y = pair_signs(torch.arange(i, i + qc.shape[0], device=q.device), k.shape[0], offset, cd)
-        g = -y * torch.sigmoid(-y * (dot * s + b)) * gr
-        ds += (g * dot).sum()
-        db += g.sum()
+        g = weights(i, dot)
+        g_dot += (g * dot).sum()
+        g_sum += g.sum()
         if need_q:
             dq[i : i + R] = g @ kc
         if need_k:
             dk.addmm_(g.T, qc)
     dq = (dq * s).to(q.dtype) if need_q else None
     dk = (dk * s).to(k.dtype) if need_k else None
-    return dq, dk, ds, db
+    return dq, dk, g_dot, g_sum
+
+
+def lse_backward_chunked(q, k, scale, col_mask, alpha, rho, beta, gamma, need_q, need_k):
+    """lse_backward_reference over row blocks."""
+    cd = compute_dtype(q.dtype)
+    s = scale.to(cd)
+    alpha, rho, beta, gamma = alpha.to(cd), rho.to(cd), beta.to(cd), gamma.to(cd)
+
+    def weights(i, dot):
+        rows = slice(i, i + dot.shape[0])
+        return lse_weights(dot * s, col_mask, alpha[rows], rho[rows], beta, gamma)
+
+    dq, dk, ds, _ = _backward_blocks(q, k, s, need_q, need_k, weights)
+    return dq, dk, ds
+
+
+def siglip_backward_chunked(q, k, scale, bias, grad, offset, need_q, need_k):
+    """siglip_backward_reference over row blocks."""
+    cd = compute_dtype(q.dtype)
+    s, b, gr = scale.to(cd), bias.to(cd), grad.to(cd)
+
+    def weights(i, dot):
+        y = pair_signs(torch.arange(i, i + dot.shape[0], device=q.device), k.shape[0], offset, cd)
+        return siglip_weights(dot, y, s, b, gr)
+
+    return _backward_blocks(q, k, s, need_q, need_k, weights)

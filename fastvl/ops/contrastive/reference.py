@@ -106,13 +106,18 @@ def siglip_sum_reference(q, k, scale, bias, offset):
     return -F.logsigmoid(y * x).sum()
 
 
+def siglip_weights(dot, y, scale, bias, grad) -> torch.Tensor:
+    """d(grad * siglip_sum)/dX at ``X = scale * dot``: ``-y sigmoid(-y (X + bias)) grad``."""
+    return -y * torch.sigmoid(-y * (dot * scale + bias)) * grad
+
+
 def siglip_backward_reference(q, k, scale, bias, grad, offset, need_q, need_k):
     """(dq or None, dk or None, d/dscale, d/dbias) of ``grad * siglip_sum``."""
     cd = compute_dtype(q.dtype)
     qc, kc, s = q.to(cd), k.to(cd), scale.to(cd)
     dot = qc @ kc.T
     y = pair_signs(torch.arange(q.shape[0], device=q.device), k.shape[0], offset, cd)
-    g = -y * torch.sigmoid(-y * (dot * s + bias.to(cd))) * grad.to(cd)
+    g = siglip_weights(dot, y, s, bias.to(cd), grad.to(cd))
     dq = (s * (g @ kc)).to(q.dtype) if need_q else None
     dk = (s * (g.T @ qc)).to(k.dtype) if need_k else None
     return dq, dk, (g * dot).sum(), g.sum()

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from fastvl import validate
-from fastvl.backends import Call, Plan, Request, implementation, public_op
+from fastvl.backends import Call, Plan, Request, custom_op, implementation, public_op
 
 from . import backends
 from .reference import layer_norm_reference, layer_norm_reference_backward
@@ -23,15 +23,12 @@ __all__ = ["layer_norm", "layer_norm_reference", "layer_norm_reference_backward"
 OP = backends.OP
 
 
-@torch.library.custom_op("fastvl::layer_norm", mutates_args=())
-def _ln_op(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    eps: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op(
+    "layer_norm",
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _ln_op(x, weight, bias, residual, eps, backend):
     return implementation(OP, backend, "forward")(x, weight, bias, residual, eps)
 
 
@@ -43,19 +40,14 @@ def _(x, weight, bias, residual, eps, backend):
     return x.new_empty(x.shape), h, stats, stats.new_empty(M)
 
 
-@torch.library.custom_op("fastvl::layer_norm_backward", mutates_args=())
-def _ln_bwd_op(
-    dy: torch.Tensor,
-    dh: torch.Tensor | None,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    need_dw: bool,
-    need_db: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return implementation(OP, backend, "backward")(dy, dh, x, weight, mean, rstd, need_dw, need_db)
+@custom_op(
+    "layer_norm_backward",
+    "(Tensor dy, Tensor? dh, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool need_dw, bool need_db, "
+    "str backend) -> (Tensor, Tensor, Tensor)",
+)
+def _ln_bwd_op(*args):
+    *args, backend = args
+    return implementation(OP, backend, "backward")(*args)
 
 
 @_ln_bwd_op.register_fake

@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 
 from fastvl import backends
-from fastvl.capabilities import Capabilities, KernelConstant, Limit
-from fastvl.rules import KERNEL_DTYPES
+from fastvl.capabilities import KernelConstant, Limit, triton_kernel
 
 from .reference import layer_norm_reference, layer_norm_reference_backward
 
 OP = "layer_norm"
+_ROW_ON_CHIP = "the kernel keeps a whole row on chip"
 
 
 def layer_norm_triton(x, weight, bias, residual, eps):
+    """Fused residual add + LayerNorm, two-stage dW/dB."""
     from fastvl.kernels.layer_norm import layer_norm_forward
 
     y, h, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
@@ -32,35 +33,17 @@ def layer_norm_triton_backward(dy, dh, x, weight, mean, rstd, need_dw, need_db):
     return dx, dw if dw is not None else x.new_empty(0), db if db is not None else x.new_empty(0)
 
 
-backends.register(
-    OP,
-    "reference",
-    priority=0,
-    impls={"forward": layer_norm_reference, "backward": layer_norm_reference_backward},
-    description="torch.native_layer_norm in fp32 (+ the add)",
+TRITON = triton_kernel(
+    dtype_args=("x",),
+    limits=(Limit("C", "row width C", KernelConstant("fastvl.kernels.layer_norm", "MAX_COLS"), why=_ROW_ON_CHIP),),
 )
+
 backends.register(
-    OP,
-    "triton",
-    priority=20,
-    capabilities=Capabilities(
-        devices=("cuda",),
-        interpreter=True,
-        dtypes=KERNEL_DTYPES,
-        dtype_args=("x",),
-        interpreted_dtypes=(torch.float16, torch.float32),
-        limits=(
-            Limit(
-                "C",
-                "row width C",
-                KernelConstant("fastvl.kernels.layer_norm", "MAX_COLS"),
-                why="the kernel keeps a whole row on chip",
-            ),
-        ),
-    ),
-    requires="triton",
-    impls={"forward": layer_norm_triton, "backward": layer_norm_triton_backward},
-    description="fused residual add + LayerNorm, two-stage dW/dB",
+    OP, "reference", 0, forward=layer_norm_reference, backward=layer_norm_reference_backward,
+    description="torch.native_layer_norm in fp32 (+ the add)",
+)  # fmt: skip
+backends.register(
+    OP, "triton", 20, TRITON, requires="triton", forward=layer_norm_triton, backward=layer_norm_triton_backward
 )
 
 

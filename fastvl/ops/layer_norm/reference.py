@@ -28,15 +28,9 @@ def layer_norm_reference(
 
 
 def layer_norm_reference_backward(
-    dy: torch.Tensor,
-    dh: torch.Tensor | None,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    need_dw: bool,
-    need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None,
+    mean: torch.Tensor, rstd: torch.Tensor, need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``dx = rstd * (w dy - mean(w dy) - xhat * mean(xhat * w dy)) + dh``, ``dw = sum(dy * xhat)``,
     ``db = sum(dy)`` over rows (torch's native LayerNorm backward in fp32, fp64 for fp64). Absent gradients
     are empty tensors."""

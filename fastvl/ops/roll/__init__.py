@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from fastvl import rules, validate
-from fastvl.backends import Call, Plan, Request, implementation, public_op
+from fastvl.backends import Call, Plan, Request, custom_op, implementation, public_op
 
 from . import backends
 from .reference import roll_reference
@@ -23,13 +23,16 @@ __all__ = ["prepare", "roll_reference", "temporal_token_roll"]
 OP = backends.OP
 
 
-@torch.library.custom_op("fastvl::temporal_token_roll", mutates_args=())
-def _roll_op(x: torch.Tensor, num_frames: int, text_len: int, f: int, direction: int, backend: str) -> torch.Tensor:
+@custom_op(
+    "temporal_token_roll",
+    "(Tensor x, SymInt num_frames, SymInt text_len, SymInt f, SymInt direction, str backend) -> Tensor",
+)
+def _roll_op(x, num_frames, text_len, f, direction, backend):
     return implementation(OP, backend)(x, num_frames, text_len, f, direction)
 
 
 @_roll_op.register_fake
-def _(x, num_frames, text_len, f, direction, backend):
+def _(x, *sizes_and_backend):
     return x.new_empty(x.shape)
 
 

@@ -1,6 +1,6 @@
 """Temporal token roll backends: adapters, declared capabilities, registration, the example call.
 
-Every backend runs ``(x, num_frames, text_len, f, direction) -> out`` (the backward is the roll with
+Every backend runs ``forward(x, num_frames, text_len, f, direction) -> out`` (the backward is the roll with
 ``-direction``). No optional features; a copy has no FLOPs to count.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastvl import backends
-from fastvl.capabilities import Capabilities
+from fastvl.capabilities import TRITON_COPY, Capabilities
 
 from .reference import roll_reference
 
@@ -17,12 +17,14 @@ OP = "temporal_token_roll"
 
 
 def roll_triton(x, num_frames, text_len, f, direction):
+    """Strided gather copy, any strides."""
     from fastvl.kernels.roll import roll
 
     return roll(x, num_frames, text_len, f, direction)
 
 
 def roll_cuda(x, num_frames, text_len, f, direction):
+    """16-byte vectorised row copy (fastvl._C)."""
     from fastvl import _ext
     from fastvl.kernels.utils import empty
 
@@ -31,31 +33,11 @@ def roll_cuda(x, num_frames, text_len, f, direction):
     return out
 
 
-backends.register(
-    OP,
-    "reference",
-    priority=0,
-    impls={"forward": roll_reference},
-    description="torch.roll on slices (All-in-one's code)",
-)
-backends.register(
-    OP,
-    "triton",
-    priority=20,
-    capabilities=Capabilities(devices=("cuda",), interpreter=True),
-    requires="triton",
-    impls={"forward": roll_triton},
-    description="strided gather copy, any strides",
-)
-backends.register(
-    OP,
-    "cuda",
-    priority=30,
-    capabilities=Capabilities(devices=("cuda",), unit_stride=("x",)),
-    requires="fastvl._C",
-    impls={"forward": roll_cuda},
-    description="16-byte vectorised row copy (fastvl._C)",
-)
+CUDA_ROWS = Capabilities(devices=("cuda",), unit_stride=("x",))
+
+backends.register(OP, "reference", 0, forward=roll_reference, description="torch.roll on slices (All-in-one's code)")
+backends.register(OP, "triton", 20, TRITON_COPY, requires="triton", forward=roll_triton)
+backends.register(OP, "cuda", 30, CUDA_ROWS, requires="fastvl._C", forward=roll_cuda)
 
 
 def example(device: torch.device, small: bool):

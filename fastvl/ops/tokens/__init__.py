@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from fastvl import rules, validate
-from fastvl.backends import Call, Plan, Request, implementation, placeholder, public_op
+from fastvl.backends import Call, Plan, Request, custom_op, implementation, placeholder, public_op
 
 from . import backends  # noqa: F401  (importing it registers the token ops' backends)
 from .reference import MODE_DROP, MODE_MASK, draw_reference, gather_reference, scatter_reference
@@ -39,8 +39,8 @@ __all__ = [
 # ---- custom ops ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvl::scatter_tokens", mutates_args=())
-def _scatter_op(grad: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None, L: int, backend: str) -> torch.Tensor:
+@custom_op("scatter_tokens", "(Tensor grad, Tensor idx, Tensor? inv, SymInt L, str backend) -> Tensor")
+def _scatter_op(grad, idx, inv, L, backend):
     """Gather's backward on ``backend``: a gather through the inverse map ``inv`` when the indices are unique
     (``backend`` names a gather_tokens backend), else a scatter-add (a scatter_tokens backend)."""
     if inv is not None:
@@ -53,22 +53,17 @@ def _(grad, idx, inv, L, backend):
     return grad.new_empty(grad.shape[0], L, grad.shape[2])
 
 
-@torch.library.custom_op("fastvl::gather_tokens", mutates_args=())
-def _gather_op(
-    x: torch.Tensor,
-    idx: torch.Tensor,
-    pos: torch.Tensor | None,
-    inv: torch.Tensor | None,
-    backend: str,
-    scatter_backend: str = "",
-) -> torch.Tensor:
+@custom_op(
+    "gather_tokens", '(Tensor x, Tensor idx, Tensor? pos, Tensor? inv, str backend, str scatter_backend="") -> Tensor'
+)
+def _gather_op(x, idx, pos, inv, backend, scatter_backend=""):
     """``backend``: the gather's (and, with ``inv``, its backward's); ``scatter_backend``: the backward's scatter
     (default: ``backend``)."""
     return implementation("gather_tokens", backend)(x, idx, pos, x.shape[1])
 
 
 @_gather_op.register_fake
-def _(x, idx, pos, inv, backend, scatter_backend=""):
+def _(x, idx, *rest):
     return x.new_empty(x.shape[0], idx.shape[1], x.shape[2])
 
 
@@ -96,21 +91,17 @@ def _gather_backward(ctx, grad):
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
-@torch.library.custom_op("fastvl::draw_tokens", mutates_args=())
-def draw_op(
-    seed: torch.Tensor,
-    noise: torch.Tensor | None,
-    rows: int,
-    L: int,
-    K: int,
-    mode: int,
-    mask_dtype: torch.dtype,
-    device: torch.device,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The draw on backend ``backend``: ``(keep (rows, K), ids_restore (rows, L), mask (rows, L) or (0,))``, see
-    :func:`~fastvl.ops.tokens.reference.draw_reference` (``mode``: ``MODE_MASK`` or ``MODE_DROP``)."""
-    return implementation("draw_tokens", backend)(seed, noise, rows, L, K, mode, mask_dtype, device)
+@custom_op(
+    "draw_tokens",
+    "(Tensor seed, Tensor? noise, SymInt rows, SymInt L, SymInt K, SymInt mode, ScalarType mask_dtype, "
+    "Device device, str backend) -> (Tensor, Tensor, Tensor)",
+)
+def draw_op(*args):
+    """``draw_op(seed, noise, rows, L, K, mode, mask_dtype, device, backend)``: the draw on backend ``backend``,
+    ``(keep (rows, K), ids_restore (rows, L), mask (rows, L) or (0,))`` as in :func:`.reference.draw_reference`
+    (``mode``: ``MODE_MASK`` or ``MODE_DROP``)."""
+    *args, backend = args
+    return implementation("draw_tokens", backend)(*args)
 
 
 @draw_op.register_fake

@@ -12,19 +12,21 @@ from __future__ import annotations
 import torch
 
 from fastvl import backends
-from fastvl.capabilities import Capabilities, Limit
+from fastvl.capabilities import TRITON_COPY, Capabilities, Limit
 from fastvl.rules import KERNEL_DTYPES
 
 from .reference import MODE_MASK, draw_reference, gather_reference, scatter_reference
 
 
 def gather_triton(x, idx, pos, n_valid):
+    """Row gather, + pos on the fly."""
     from fastvl.kernels.tokens import gather
 
     return gather(x, idx, pos, n_valid)
 
 
 def gather_cuda(x, idx, pos, n_valid):
+    """16-byte vectorised rows (fastvl._C)."""
     from fastvl import _ext
     from fastvl.kernels.utils import empty
 
@@ -34,12 +36,14 @@ def gather_cuda(x, idx, pos, n_valid):
 
 
 def scatter_triton(grad, idx, L):
+    """Scatter-add backward, fp32 accumulation."""
     from fastvl.kernels.tokens import scatter_add
 
     return scatter_add(grad, idx, L)
 
 
 def scatter_cuda(grad, idx, L):
+    """16-byte vectorised rows (fastvl._C), fp32 accumulation."""
     from fastvl import _ext
 
     acc = torch.zeros(grad.shape[0], L, grad.shape[2], dtype=torch.float32, device=grad.device)
@@ -48,6 +52,7 @@ def scatter_cuda(grad, idx, L):
 
 
 def draw_triton(seed, noise, rows, L, K, mode, mask_dtype, device):
+    """Philox keys ranked pairwise in tiles, one launch."""
     from fastvl.kernels.tokens import draw
 
     keep, inv, mask = draw(
@@ -56,52 +61,25 @@ def draw_triton(seed, noise, rows, L, K, mode, mask_dtype, device):
     return keep, inv, mask if mask is not None else torch.empty(0, dtype=mask_dtype, device=device)
 
 
-_TRITON = Capabilities(devices=("cuda",), interpreter=True)
-_CUDA_ROWS = Capabilities(
+CUDA_ROWS = Capabilities(
     devices=("cuda",), dtypes=KERNEL_DTYPES, dtype_args=("x", "grad"), unit_stride=("x", "grad", "pos")
 )
+DRAW_TRITON = Capabilities(
+    devices=("cuda",),
+    interpreter=True,
+    dtypes=(torch.float32,),
+    dtype_args=("noise",),
+    limits=(Limit("L", "L", (1 << 20) - 1, why="the draw packs token indices in 20 bits"),),
+)
 
-for op, reference, triton, cuda, what in (
-    ("gather_tokens", gather_reference, gather_triton, gather_cuda, "row gather, + pos on the fly"),
-    ("scatter_tokens", scatter_reference, scatter_triton, scatter_cuda, "scatter-add backward"),
-):
-    backends.register(
-        op, "reference", priority=0, impls={"forward": reference}, description="torch.gather / scatter_add_"
-    )
-    backends.register(
-        op, "triton", priority=20, capabilities=_TRITON, requires="triton", impls={"forward": triton}, description=what
-    )
-    backends.register(
-        op,
-        "cuda",
-        priority=30,
-        capabilities=_CUDA_ROWS,
-        requires="fastvl._C",
-        impls={"forward": cuda},
-        description="16-byte vectorised rows (fastvl._C)",
-    )
-backends.register(
-    "draw_tokens",
-    "reference",
-    priority=0,
-    impls={"forward": draw_reference},
-    description="torch.rand + argsort (MAE's code)",
-)
-backends.register(
-    "draw_tokens",
-    "triton",
-    priority=20,
-    capabilities=Capabilities(
-        devices=("cuda",),
-        interpreter=True,
-        dtypes=(torch.float32,),
-        dtype_args=("noise",),
-        limits=(Limit("L", "L", (1 << 20) - 1, why="the draw packs token indices in 20 bits"),),
-    ),
-    requires="triton",
-    impls={"forward": draw_triton},
-    description="Philox keys ranked pairwise in tiles, one launch",
-)
+backends.register("gather_tokens", "reference", 0, forward=gather_reference, description="torch.gather")
+backends.register("gather_tokens", "triton", 20, TRITON_COPY, requires="triton", forward=gather_triton)
+backends.register("gather_tokens", "cuda", 30, CUDA_ROWS, requires="fastvl._C", forward=gather_cuda)
+backends.register("scatter_tokens", "reference", 0, forward=scatter_reference, description="torch.scatter_add_")
+backends.register("scatter_tokens", "triton", 20, TRITON_COPY, requires="triton", forward=scatter_triton)
+backends.register("scatter_tokens", "cuda", 30, CUDA_ROWS, requires="fastvl._C", forward=scatter_cuda)
+backends.register("draw_tokens", "reference", 0, forward=draw_reference, description="torch.rand + argsort (MAE's)")
+backends.register("draw_tokens", "triton", 20, DRAW_TRITON, requires="triton", forward=draw_triton)
 
 
 def _tokens(device: torch.device, small: bool, requires_grad: bool = False) -> torch.Tensor:

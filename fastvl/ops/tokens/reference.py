@@ -34,15 +34,9 @@ def scatter_reference(grad: torch.Tensor, idx: torch.Tensor, L: int) -> torch.Te
 
 
 def draw_reference(
-    seed: torch.Tensor,
-    noise: torch.Tensor | None,
-    rows: int,
-    L: int,
-    K: int,
-    mode: int,
-    mask_dtype: torch.dtype,
+    seed: torch.Tensor, noise: torch.Tensor | None, rows: int, L: int, K: int, mode: int, mask_dtype: torch.dtype,
     device: torch.device,
-):
+):  # fmt: skip
     """(keep (rows, K), ids_restore (rows, L), mask (rows, L) or (0,)) from argsort(noise, stable=True).
 
     ``keep = ids_shuffle[:, :K]``; ``ids_restore[l] >= K`` marks a removed token. Without ``noise`` the
