@@ -89,7 +89,7 @@ def test_clip_spec_hand_case():
 
 
 def test_mil_nce_spec_against_loops():
-    """design.md's sentence, term by term: denominators over [s(i,j,p)] ++ [s(j,i,p)], invalid texts out."""
+    """The reference's definition, term by term: denominators over [s(i,j,p)] ++ [s(j,i,p)], invalid texts out."""
     B, P, D, s = 4, 2, 5, 3.0
     v, t = unit(B, D), unit(B, P, D)
     valid = torch.tensor([True, False, True, True], device=DEV)

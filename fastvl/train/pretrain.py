@@ -267,7 +267,7 @@ def _parse_value(v: str) -> Any:
         return v
 
 
-def _assignments(items: list[str], flag: str) -> dict[str, Any]:
+def parse_assignments(items: list[str], flag: str) -> dict[str, Any]:
     """``["FIELD=VALUE", ...]`` -> {field: value} (JSON values; lists become tuples)."""
     out = {}
     for item in items:
@@ -282,8 +282,8 @@ def _assignments(items: list[str], flag: str) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fam = "tiny" if args.model.endswith("-tiny") else family(args.model)
     defaults = SYNTHETIC_TRAIN[fam] if args.data == "synthetic" else dict(epochs=1.0, batch_size=32, lr=1e-4)
-    overrides = _assignments(args.set, "--set")
-    data_overrides = _assignments(args.data_set, "--data-set")
+    overrides = parse_assignments(args.set, "--set")
+    data_overrides = parse_assignments(args.data_set, "--data-set")
     if data_overrides and args.data != "synthetic":
         raise SystemExit(f"--data-set applies to --data synthetic only, got --data {args.data!r}")
     overrides = {**defaults.get("model", {}), **overrides}

@@ -124,7 +124,7 @@ def _check_qkv(op, q, k, v, layout_q, layout_kv, ndim):
         raise ValueError(f"{op}: head dim D must be >= 1, got q shape {tuple(q.shape)}")
 
 
-def _call(q, k, v, opts: AttentionOptions, deterministic: bool) -> Call:
+def _attention_call(q, k, v, opts: AttentionOptions, deterministic: bool) -> Call:
     H, D = q.shape[-2:]
     if opts.varlen:
         N, Sq, Sk = opts.cu_seqlens_q.shape[0] - 1, opts.max_seqlen_q, opts.max_seqlen_k
@@ -184,7 +184,7 @@ def prepare(
     if frame_offsets is not None and T > 1:
         shift = torch.remainder(frame_offsets.long(), T).to(torch.int32)
     opts = AttentionOptions(key_padding_mask, shift, num_frames=T, scale=scale, causal=causal)
-    return AttentionPlan([Request(_call(q, k, v, opts, deterministic), backend)], opts, deterministic)
+    return AttentionPlan([Request(_attention_call(q, k, v, opts, deterministic), backend)], opts, deterministic)
 
 
 def _run_peer(name: str, q, k, v, opts: AttentionOptions, deterministic: bool) -> torch.Tensor:
@@ -273,7 +273,7 @@ def prepare_varlen(
     validate.same_device(op, q=q, k=k, v=v)
     scale = _scale(op, softmax_scale, q.shape[-1])
     opts = AttentionOptions(None, None, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 1, scale, causal)
-    return AttentionPlan([Request(_call(q, k, v, opts, deterministic), backend)], opts, deterministic)
+    return AttentionPlan([Request(_attention_call(q, k, v, opts, deterministic), backend)], opts, deterministic)
 
 
 @public_op(prepare_varlen)
