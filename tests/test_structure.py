@@ -185,3 +185,20 @@ def test_dispatch_layer_imports_nothing_above_it(layer):
 def test_module_is_small(module):
     """One module, one job: the op layer's modules stay under ~450 lines."""
     assert len(MODULES[module].read_text().splitlines()) <= 450
+
+
+def test_models_reach_the_ops_through_layers_only():
+    """fastvl.models.layers is the models' one contact with fastvl.ops and fastvl.nn."""
+    found = []
+    for module, path in MODULES.items():
+        if not module.startswith("fastvl.models.") or module == "fastvl.models.layers":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                owner = _resolve(module, node)
+                names = [owner] + [f"{owner}.{a.name}" for a in node.names]
+            found += [
+                f"{module}:{node.lineno} {n}" for n in names if _inside(n, "fastvl.ops") or _inside(n, "fastvl.nn")
+            ]
+    assert not found, found
