@@ -176,7 +176,7 @@ def reasons(name: str, caps: Capabilities | tuple[Capabilities, ...], call: Call
         t = call.tensors.get(arg)
         if t is not None and t.dim() > 0 and t.stride(-1) != 1 and t.size(-1) > 1:
             out.append(f"{arg} has channel stride {t.stride(-1)}, needs 1")
-    return out
+    return list(dict.fromkeys(out))  # a rule broken by two tensors is said once
 
 
 def _declaration_for(name, decls, device, call, present) -> tuple[Capabilities, bool, list[str]]:
