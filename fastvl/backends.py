@@ -138,7 +138,7 @@ def register(
     if available is None:
         available = (lambda: list(caps_.module_reasons(requires))) if requires else (lambda: [])
     if not description and impls:
-        description = (next(iter(impls.values())).__doc__ or "").strip().split("\n")[0]
+        description = (next(iter(impls.values())).__doc__ or "").strip().split("\n")[0].rstrip(".")
     b = Backend(
         op, name, priority, caps_.declarations(capabilities), check or no_special_case, available, impls, requires,
         peer, description,
