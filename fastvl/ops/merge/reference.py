@@ -14,7 +14,10 @@ similarities: the lower B index), the ``r`` A tokens with the highest similarity
 equal similarities, the lower A index first) merge into their B tokens, ``r`` capped at ``S // 2`` like ToMe.
 Output of a group: its unmerged A tokens in order, then its B tokens in order, each B token the size-weighted
 mean ``(s_b x_b + sum s_a x_a) / (s_b + sum s_a)`` of itself and the A tokens merged into it, with size
-``s_b + sum s_a``. ``dest (B, L)`` gives every input token's row in the output (the protected tokens keep
+``s_b + sum s_a``. Ties are decided on the computed similarities: the Triton kernel forms ``<a, b> / (|a| |b|)``
+with fp32 accumulation, in another order than this normalise-then-matmul, so similarities equal in exact
+arithmetic but not after rounding may order differently; equal computed values break the same way in both.
+``dest (B, L)`` gives every input token's row in the output (the protected tokens keep
 theirs): ToMe's ``unmerge`` is ``merged[dest]``. Merges compose: after a second merge, ``dest2.gather(1, dest)``.
 """
 
