@@ -1,5 +1,9 @@
 """Score-based token selection: keep the k highest-scoring tokens of each group, in their original order.
 
+Row layout ``(B, P + GS*S, C)``: P protected leading tokens (always kept, copied first) then GS equal groups of S
+scored tokens; output group g reads source group ``frames[b, g]`` when a frame choice is given (SMAUG's frame
+selection), else group g.
+
 Two forward launches and one backward launch, no sort and no separate gather:
   rank   ``rank[l] = #{j in l's group : key_j beats key_l}`` by pairwise comparison in (BLOCK_I, BLOCK_J) tiles,
          where j beats l iff ``score_j > score_l`` or (equal scores and ``j < l``): a strict total order, so the
