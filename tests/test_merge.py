@@ -290,3 +290,47 @@ def test_gpu_merge_large(dtype):
     assert_close(merged[same].float(), em[same].double(), dtype, name="merged")
     merged.backward(torch.ones_like(merged))
     assert torch.isfinite(x.grad.float()).all()
+
+
+def test_opcheck_and_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 1 + 20, 6, requires_grad=True)
+    m = torch.randn(2, 21, 4)
+    size = torch.rand(2, 21) + 0.5
+    torch.library.opcheck(torch.ops.fastvl.merge_tokens.default, (x, size, m, 5, 1, "joint", 1, "reference"))
+    torch.library.opcheck(torch.ops.fastvl.merge_tokens.default, (x, None, x.detach(), 3, 1, "frame", 4, "reference"))
+    with FakeTensorMode():
+        merged, new_size, info = fastvl.ops.merge_tokens(torch.empty(2, 21, 6), None, 5, metric=torch.empty(2, 21, 4))
+        assert merged.shape == (2, 16, 6) and new_size.shape == (2, 16) and info.dest.shape == (2, 21)
+
+
+class Reduce(torch.nn.Module):
+    """Selection then merging, as a model would use them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.select = fastvl.nn.TokenSelector(4, keep=0.5, keep_frames=2, protected=1, scorer="linear", dim=8)
+        self.merge = fastvl.nn.TokenMerger(r=2, protected=1, mode="frame", frames=2)
+
+    def forward(self, x):
+        kept, ids = self.select(self.proj(x))
+        merged, size, info = self.merge(kept)
+        return fastvl.ops.unmerge_tokens(merged, info).square().sum() + size.log().sum()
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    m = Reduce()
+    x = torch.randn(3, 1 + 4 * 10, 8)
+    eager = m(x)
+    eager.backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    out = torch.compile(m, fullgraph=True, backend="inductor")(x)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(m.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)

@@ -213,3 +213,17 @@ def test_gpu_select_large(dtype):
     assert torch.equal(ids, ei) and torch.equal(kept, ek)
     kept.backward(torch.ones_like(kept))
     assert int(x.grad.float().sum()) == B * T * 98 * C
+
+
+def test_opcheck_and_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 1 + 3 * 7, 5, requires_grad=True)
+    s = torch.randn(2, 3 * 7)
+    frames = torch.tensor([[0, 2], [1, 2]])
+    torch.library.opcheck(torch.ops.fastvl.select_tokens.default, (x, s, frames, 3, 3, 1, "reference"))
+    torch.library.opcheck(torch.ops.fastvl.select_tokens.default, (x[:, 1:], s, None, 4, 3, 0, "reference"))
+    with FakeTensorMode():
+        kept, ids = fastvl.ops.select_space_time(torch.empty(2, 22, 5), torch.empty(2, 21), 3, frames=3,
+                                                 keep_frames=2, protected=1)  # fmt: skip
+        assert kept.shape == (2, 1 + 2 * 3, 5) and ids.shape == (2, 7)
