@@ -29,7 +29,7 @@ from fastvl.data import (  # noqa: E402
     write_shards,
     write_videos,
 )
-from fastvl.data.video import encode_mp4_bytes  # noqa: E402
+from fastvl.data import encode_mp4_bytes  # noqa: E402
 
 FRAMES, SIZE, FPS, SR = 8, 32, 8.0, 8000
 

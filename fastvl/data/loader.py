@@ -29,7 +29,7 @@ SYNTHETIC_SIZES = {"train": 1024, "val": 256}
 
 def spec_kind(spec: str) -> str:
     """``"synthetic"``, ``"manifest"`` (``.csv`` / ``.jsonl``) or ``"shards"`` (``.tar`` / brace pattern)."""
-    from fastvl.data.shards import is_shard_spec
+    from fastvl.data.shard_names import is_shard_spec
 
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"open_dataset: 'spec' must be a non-empty string, got {spec!r}")
