@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from fastvl.train import checkpoint as ckpt
-from fastvl.train.evaluate import attribute_accuracy, chance_levels, pair_attribute_accuracy, retrieval_metrics
+from fastvl.train.attributes import attribute_accuracy, pair_attribute_accuracy
+from fastvl.train.retrieval import chance_levels, retrieval_metrics
 from fastvl.train.loop import Components, NonFiniteLoss, TrainConfig, train
 
 N_LABELS, T, HW, LT = 8, 2, 4, 5
@@ -113,7 +114,7 @@ def cfg(tmp_path, name, **kw):
 
 def test_resume_equals_uninterrupted(tmp_path):
     a = train(cfg(tmp_path, "a", ckpt_every=4), make_build())
-    assert a["steps"] == 12 and a["skipped"] == 0
+    assert a["steps"] == 12 and a["skipped_steps"] == 0
     with pytest.raises(KeyboardInterrupt):  # crash inside step 11 (after the checkpoint of step 8)
         train(cfg(tmp_path, "b", ckpt_every=4), make_build(model_kw={"crash_at_call": 12}))
     assert ckpt.latest(str(tmp_path / "b")).endswith("ckpt-0000008")
@@ -121,14 +122,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     la, lb = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
     assert sorted(la) == sorted(lb) == list(range(1, 13))
     assert all(la[s] == lb[s] for s in la), (la, lb)  # bit-identical curve after resume
-    wa = torch.load(os.path.join(ckpt.latest(str(tmp_path / "a")), "state.pt"), weights_only=False)
+    wa = torch.load(os.path.join(ckpt.latest(str(tmp_path / "a")), "state.pt"), weights_only=True)
     assert wa["consumed"] == 12  # 64 clips / batch 8 = 8 batches per epoch -> 1.5 epochs
 
 
 def test_epoch_rollover_and_accumulation(tmp_path):
     s = train(cfg(tmp_path, "acc", steps=6, grad_accum=2), make_build())
     assert s["steps"] == 6
-    st = torch.load(os.path.join(ckpt.latest(s["run_dir"]), "state.pt"), weights_only=False)
+    st = torch.load(os.path.join(ckpt.latest(s["run_dir"]), "state.pt"), weights_only=True)
     assert st["consumed"] == 12
 
 
@@ -144,7 +145,7 @@ def test_nan_stops_without_poisoned_checkpoint(tmp_path):
 
 def test_nan_skip_policy(tmp_path):
     s = train(cfg(tmp_path, "skip", on_nan="skip"), make_build(model_kw={"nan_at_call": 5}))
-    assert s["skipped"] == 1 and s["steps"] == 12
+    assert s["skipped_steps"] == 1 and s["steps"] == 12
 
 
 def test_checkpoint_refuses_nonfinite_and_prunes(tmp_path):
