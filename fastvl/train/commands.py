@@ -240,6 +240,10 @@ def check_synthetic_overrides(cfg: TrainConfig) -> None:
         return
     from fastvl.data import SyntheticConfig
 
+    fields = sorted(f.name for f in dataclasses.fields(SyntheticConfig))
+    unknown = sorted(set(cfg.extra["data"]) - set(fields))
+    if unknown:
+        raise UsageError("--data-set", f"unknown SyntheticConfig field(s) {unknown}; fields: {', '.join(fields)}")
     try:
         SyntheticConfig(**cfg.extra["data"])
     except (TypeError, ValueError) as e:

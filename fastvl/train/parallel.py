@@ -65,6 +65,15 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Every rank's parameters and buffers := rank 0's (ranks seed their RNG apart, so their inits differ)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
 def parallelize(
     model: torch.nn.Module,
     info: D.DistInfo,
@@ -83,6 +92,7 @@ def parallelize(
 
         if not info.enabled:
             raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        broadcast_from_rank0(model)  # DDP does this itself; each rank's shard must come from the same weights
         for blk in transformer_blocks(model):
             fully_shard(blk)
         fully_shard(model)
