@@ -30,7 +30,7 @@ CASES = [
     ("workers-negative", ["pretrain", "--workers", "-2"], "argument --workers: expected an integer >= 0"),
     ("unknown-model-field", ["pretrain", "--set", "depht=2"], "--set: create_model('allinone-ti'): unknown config"),
     ("set-without-equals", ["pretrain", "--set", "depth"], "--set: expected FIELD=VALUE"),
-    ("unknown-data-field", ["pretrain", "--data-set", "colours=[1]"], "--data-set: unknown SyntheticConfig field(s) ['colours']"),
+    ("unknown-data-field", ["pretrain", "--data-set", "colours=[1]"], "--data-set: unknown SyntheticConfig field"),
     ("bad-data-value", ["pretrain", "--data-set", 'colors=["pink"]'], "--data-set: SyntheticConfig: 'colors'"),
     ("data-set-on-files", ["pretrain", "--data", "{in}/ok.jsonl", "--data-set", "fps=2"], "--data-set: applies to"),
     ("missing-tokenizer", ["pretrain", "--tokenizer", "{in}/tok"], "--tokenizer: no such file"),

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from fastvl.train import checkpoint as ckpt
 from fastvl.train.attributes import attribute_accuracy, pair_attribute_accuracy
-from fastvl.train.retrieval import chance_levels, retrieval_metrics
 from fastvl.train.loop import Components, NonFiniteLoss, TrainConfig, train
+from fastvl.train.retrieval import chance_levels, retrieval_metrics
 
 N_LABELS, T, HW, LT = 8, 2, 4, 5
 
