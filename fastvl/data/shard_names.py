@@ -69,10 +69,21 @@ def open_shard(url: str) -> Iterator[BinaryIO]:
         proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
         try:
             yield proc.stdout
-        except BaseException:  # the reader stopped early (or failed): the command is not needed any more
+        except GeneratorExit:  # the reader stopped early: the command is not needed any more
             proc.kill()
             proc.stdout.close()
             proc.wait()
+            raise
+        except BaseException as e:  # a read error: a failed command is the likelier cause, say so
+            proc.stdout.close()
+            try:
+                rc = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise e from None
+            if rc != 0:
+                raise OSError(f"shard command {url[5:]!r} exited with status {rc}") from e
             raise
         proc.stdout.read()  # what tarfile leaves unread: the end-of-archive padding
         proc.stdout.close()
