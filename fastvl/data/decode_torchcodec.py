@@ -1,5 +1,5 @@
-"""torchcodec implementation of :func:`fastvl.data.decode.decode_clip` (frames resized while decoding by
-torchcodec's bilinear antialiased ``Resize``).
+"""torchcodec implementation of :func:`fastvl.data.decode.decode_clip` (frames resized by torch's bilinear
+antialiased interpolation, torchvision's resize).
 
 torchcodec is optional: it needs a torch it was built for and FFmpeg's shared libraries (4 to 8) on the
 library path (Debian: ``apt-get install ffmpeg``). :func:`probe` decodes a one-second clip written by PyAV
@@ -73,17 +73,18 @@ def decode_clip_torchcodec(
     return_times: bool = False,
 ):
     """See :func:`fastvl.data.decode.decode_clip`; the same random draws in the same order as the PyAV path."""
+    import torch
+    import torch.nn.functional as F
     from torchcodec.decoders import AudioDecoder, VideoDecoder
-    from torchcodec.transforms import Resize
 
     data = _read(source)
     try:
-        plain = VideoDecoder(data, seek_mode="approximate", num_ffmpeg_threads=1)
+        dec = VideoDecoder(data, seek_mode="approximate", num_ffmpeg_threads=1)
     except ValueError as e:
         if "video stream" in str(e).lower():
             raise ClipError("no video stream") from e
         raise
-    md = plain.metadata
+    md = dec.metadata
     t0 = md.begin_stream_seconds_from_header or 0.0
     duration = md.duration_seconds_from_header or md.duration_seconds
     rate = md.average_fps_from_header or md.average_fps
@@ -92,18 +93,19 @@ def decode_clip_torchcodec(
     window = plan_window(
         duration, rate, num_frames=num_frames, train=train, rng=rng, start=start, end=end, min_frames=min_frames
     )
-    h, w = short_side_size(md.height, md.width, size)
-    dec = VideoDecoder(
-        data, seek_mode="approximate", num_ffmpeg_threads=1, dimension_order="NHWC", transforms=[Resize((h, w))]
-    )
     # the frame on screen at each target: clamp into the stream (before its first frame: the first one)
-    lo, hi = dec.metadata.begin_stream_seconds, dec.metadata.end_stream_seconds
+    lo, hi = md.begin_stream_seconds, md.end_stream_seconds
     at = np.clip(window.targets + t0 + EPS, lo, np.nextafter(hi, -np.inf) if hi is not None else np.inf)
     batch = dec.get_frames_played_at(at.tolist())
     if batch.data.shape[0] != num_frames:
         raise ClipError(f"too short: no frame decoded in the window [{window.start:.3f}, {window.end:.3f}) s")
+    h, w = short_side_size(batch.data.shape[2], batch.data.shape[3], size)
+    x = batch.data
+    if (h, w) != tuple(x.shape[2:]):  # torchvision's resize: bilinear, antialiased
+        x = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
     top, left = crop_offsets(h, w, size, train, rng)
-    frames = batch.data.numpy()[:, top : top + size, left : left + size]  # (T, size, size, 3) uint8
+    frames = x.permute(0, 2, 3, 1)[:, top : top + size, left : left + size].numpy()  # (T, size, size, 3) uint8
     times = batch.pts_seconds.numpy().astype(np.float64) - t0
     if audio_rate is None or audio_samples is None:
         out = frames, None, False
