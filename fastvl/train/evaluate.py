@@ -75,18 +75,21 @@ def evaluate(
     Rank 0 evaluates while the other ranks wait, or, with ``all_ranks`` (a sharded model, whose forward is
     collective), every rank runs the same batches and rank 0 reports. Returns {} on other ranks."""
     result: dict = {}
-    if info.is_main or all_ranks:
-        was = model.training
-        model.eval()
-        try:
-            emb = embed_batches(model, eval_batches, info, autocast, keep_video=label_captions is not None)
-            # identical token ids (with the same label) are one text in the video->text gallery
-            keys = torch.cat([emb["ids"], emb["label"][:, None].to(emb["ids"].dtype)], dim=1)
-            groups = torch.unique(keys, dim=0, return_inverse=True)[1]
-            result = retrieval_metrics(emb["video"], emb["text"], emb["label"], text_groups=groups)
-            if label_captions is not None:
-                result.update(probe_attributes(model, emb, label_captions, info, autocast))
-        finally:
-            model.train(was)
-    D.barrier(info)
+    try:
+        if info.is_main or all_ranks:
+            was = model.training
+            model.eval()
+            try:
+                emb = embed_batches(model, eval_batches, info, autocast, keep_video=label_captions is not None)
+                # identical token ids (with the same label) are one text in the video->text gallery
+                keys = torch.cat([emb["ids"], emb["label"][:, None].to(emb["ids"].dtype)], dim=1)
+                groups = torch.unique(keys, dim=0, return_inverse=True)[1]
+                result = retrieval_metrics(emb["video"], emb["text"], emb["label"], text_groups=groups)
+                if label_captions is not None:
+                    result.update(probe_attributes(model, emb, label_captions, info, autocast))
+            finally:
+                model.train(was)
+    finally:  # the other ranks wait for rank 0 even when its evaluation fails
+        if not all_ranks:
+            D.barrier(info)
     return result if info.is_main else {}
