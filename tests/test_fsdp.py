@@ -54,7 +54,7 @@ def _worker(rank, world, port, root, q):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from fastvl.train import distributed as D
+    from fastvl.train import distributed
     from fastvl.train.loop import train
     from fastvl.train.pretrain import build
 
@@ -83,7 +83,7 @@ def _worker(rank, world, port, root, q):
         if rank == 0:
             q.put({"fsdp_eval": fsdp.get("eval", {}).get("n")})
     finally:
-        D.cleanup()
+        distributed.cleanup()
 
 
 @pytest.mark.distributed

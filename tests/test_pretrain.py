@@ -113,9 +113,9 @@ def _worker(rank, world, port, out, q):
     )
     torch.set_num_threads(1)
     train(_cfg(out), build)
-    from fastvl.train import distributed as D
+    from fastvl.train import distributed
 
-    D.cleanup()
+    distributed.cleanup()
     if rank == 0:
         q.put({s: r["loss"] for s, r in losses(out).items()})
 

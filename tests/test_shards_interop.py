@@ -143,7 +143,7 @@ def test_caption_scan_reads_no_video_member(shards, monkeypatch):
 def test_only_rank_0_trains_the_tokenizer(tmp_path):
     """A rank other than 0 never reads the captions: it loads what rank 0 saved (here: nothing saved yet, so the
     load fails instead of a second tokenizer being trained)."""
-    from fastvl.train import distributed as D
+    from fastvl.train import distributed
     from fastvl.train.loop import TrainConfig
     from fastvl.train.pretrain import load_or_train_tokenizer
 
@@ -153,10 +153,10 @@ def test_only_rank_0_trains_the_tokenizer(tmp_path):
 
     cfg = TrainConfig(out=str(tmp_path), extra={})
     with pytest.raises(FileNotFoundError):
-        load_or_train_tokenizer(cfg, D.DistInfo(rank=1, world_size=1), NoCaptions())
-    tok, where = load_or_train_tokenizer(cfg, D.DistInfo(), SyntheticVideoText("train", num_clips=2))
+        load_or_train_tokenizer(cfg, distributed.DistInfo(rank=1, world_size=1), NoCaptions())
+    tok, where = load_or_train_tokenizer(cfg, distributed.DistInfo(), SyntheticVideoText("train", num_clips=2))
     assert where == str(tmp_path / "tokenizer") and os.path.isfile(os.path.join(where, "tokenizer.json"))
-    again, _ = load_or_train_tokenizer(cfg, D.DistInfo(rank=1, world_size=1), NoCaptions())
+    again, _ = load_or_train_tokenizer(cfg, distributed.DistInfo(rank=1, world_size=1), NoCaptions())
     assert again.encode(["a red circle grows"], 8)[0].tolist() == tok.encode(["a red circle grows"], 8)[0].tolist()
 
 

@@ -260,9 +260,9 @@ def _ddp_worker(rank, world, port, out_dir, q):
         extra={},
     )
     train(c, make_build(n_train=32, model_kw={"dropout": 0.0}))
-    from fastvl.train import distributed as D
+    from fastvl.train import distributed
 
-    D.cleanup()
+    distributed.cleanup()
     if rank == 0:
         q.put(read_losses(out_dir))
 

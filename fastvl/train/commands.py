@@ -291,7 +291,7 @@ def validate_pretrain(cfg: TrainConfig) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from . import distributed as D
+    from . import distributed
     from .loop import train
     from .pretrain import build
 
@@ -305,7 +305,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"forward FLOPs: {summary['fwd_gflops_per_step']:.2f} GFLOPs/step, "
                 f"{summary['total_fwd_pflops'] * 1e3:.2f} TFLOPs in total"
             )
-    D.cleanup()
+    distributed.cleanup()
     return 0
 
 
@@ -314,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from . import checkpoint as ckpt
-    from . import distributed as D
+    from . import distributed
     from .evaluate import evaluate
     from .pretrain import build
     from .retrieval import format_metrics
@@ -337,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         cfg.data = args.data
         cfg.extra["eval_data"] = None
-    info = D.DistInfo(device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    info = distributed.DistInfo(device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     comp = build(cfg, info)
     ckpt.load(path, comp.model, restore_rng=False)
     m = evaluate(comp.model.to(info.device), comp.eval_batches, info, label_captions=comp.label_captions)

@@ -7,8 +7,9 @@ import contextlib
 
 import torch
 
-from . import distributed as D
+from . import distributed
 from .attributes import attribute_accuracy, pair_attribute_accuracy
+from .distributed import DistInfo
 from .retrieval import retrieval_metrics
 
 
@@ -18,7 +19,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def embed_batches(model, eval_batches, info: D.DistInfo, autocast, keep_video: bool) -> dict[str, torch.Tensor]:
+def embed_batches(model, eval_batches, info: DistInfo, autocast, keep_video: bool) -> dict[str, torch.Tensor]:
     """Video and text embeddings (N, D), labels (N,), text ids (N, Lt) and, with ``keep_video``, raw clips."""
     vids, txts, labels, ids, raw = [], [], [], [], []
     for batch in eval_batches():
@@ -38,7 +39,7 @@ def embed_batches(model, eval_batches, info: D.DistInfo, autocast, keep_video: b
     return out
 
 
-def probe_attributes(model, emb: dict, label_captions, info: D.DistInfo, autocast) -> dict:
+def probe_attributes(model, emb: dict, label_captions, info: DistInfo, autocast) -> dict:
     """The attribute probes: by VTC embeddings, and by All-in-one's fused VTM head when VTM was trained."""
     ids, mask, attrs = label_captions()
     with autocast():
@@ -65,7 +66,7 @@ def probe_attributes(model, emb: dict, label_captions, info: D.DistInfo, autocas
 def evaluate(
     model: torch.nn.Module,
     eval_batches,
-    info: D.DistInfo,
+    info: DistInfo,
     autocast=contextlib.nullcontext,
     label_captions=None,
     *,
@@ -91,5 +92,5 @@ def evaluate(
                 model.train(was)
     finally:  # the other ranks wait for rank 0 even when its evaluation fails
         if not all_ranks:
-            D.barrier(info)
+            distributed.barrier(info)
     return result if info.is_main else {}

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed as D
+from . import distributed
+from .distributed import DistInfo
 from .evaluate import evaluate, move_batch
 from .parallel import ParallelModel, parallelize
 from .retrieval import format_metrics
@@ -165,7 +166,7 @@ class BatchStream:
                 self._it = iter(self.comp.make_loader(self.epoch, 0))
 
 
-def setup_optimization(cfg: TrainConfig, info: D.DistInfo, par: ParallelModel, comp: Components) -> Optimization:
+def setup_optimization(cfg: TrainConfig, info: DistInfo, par: ParallelModel, comp: Components) -> Optimization:
     per_epoch_steps = max(1, comp.batches_per_epoch // cfg.grad_accum)
     total = cfg.steps if cfg.steps is not None else max(1, int(math.ceil(cfg.epochs * per_epoch_steps)))
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else int(cfg.warmup * total)
@@ -183,7 +184,7 @@ def setup_optimization(cfg: TrainConfig, info: D.DistInfo, par: ParallelModel, c
     return Optimization(optimizer, scheduler, autocast, scaler, total, params)
 
 
-def resume(cfg: TrainConfig, info: D.DistInfo, par: ParallelModel, opt: Optimization) -> Progress:
+def resume(cfg: TrainConfig, info: DistInfo, par: ParallelModel, opt: Optimization) -> Progress:
     """Progress of the run in ``cfg.out`` from its latest checkpoint (weights, optimizer, schedule, this rank's
     RNG, data position), or a fresh start."""
     path = ckpt.latest(cfg.out)
@@ -213,7 +214,7 @@ def resume(cfg: TrainConfig, info: D.DistInfo, par: ParallelModel, opt: Optimiza
 
 
 def accumulate_gradients(
-    cfg: TrainConfig, info: D.DistInfo, par: ParallelModel, opt: Optimization, stream: BatchStream, prog: Progress
+    cfg: TrainConfig, info: DistInfo, par: ParallelModel, opt: Optimization, stream: BatchStream, prog: Progress
 ) -> tuple[dict[str, float], tuple[str, float] | None]:
     """Forward and backward over ``grad_accum`` micro-batches. Returns the mean scalar outputs (loss parts)
     and, when a rank's loss is not finite, ("loss", value) (every rank stops at that micro-batch)."""
@@ -226,7 +227,7 @@ def accumulate_gradients(
             with opt.autocast():
                 out = par.step_module(batch)
             loss = out["loss"] / cfg.grad_accum
-            if not D.all_true(bool(torch.isfinite(loss)), info):
+            if not distributed.all_true(bool(torch.isfinite(loss)), info):
                 return parts, ("loss", loss.item())
             (opt.scaler.scale(loss) if opt.scaler else loss).backward()
         for k, v in out.items():
@@ -235,14 +236,14 @@ def accumulate_gradients(
     return parts, None
 
 
-def clip_gradients(cfg: TrainConfig, info: D.DistInfo, opt: Optimization) -> tuple[float, tuple[str, float] | None]:
+def clip_gradients(cfg: TrainConfig, info: DistInfo, opt: Optimization) -> tuple[float, tuple[str, float] | None]:
     """Clip the global gradient norm; returns it, and ("gradient norm", value) when it is not finite on some
     rank (an fp16 scaler handles that itself by skipping the update)."""
     if opt.scaler:
         opt.scaler.unscale_(opt.optimizer)
     limit = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, limit))
-    ok = D.all_true(math.isfinite(grad_norm), info) or opt.scaler is not None
+    ok = distributed.all_true(math.isfinite(grad_norm), info) or opt.scaler is not None
     return grad_norm, None if ok else ("gradient norm", grad_norm)
 
 
@@ -286,7 +287,7 @@ def run_step(cfg, info, par: ParallelModel, opt: Optimization, stream: BatchStre
     done = prog.step
     log.advance()
     if done % cfg.log_every == 0 or done == opt.total_steps or log.first_step(done):
-        videos = D.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0
+        videos = distributed.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0
         log.record(done, stream.epoch, parts, opt.scheduler.get_last_lr()[0], grad_norm, prog, videos)
     if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == opt.total_steps:
         prog.consumed = stream.consumed
@@ -299,19 +300,19 @@ def save_checkpoint(cfg, info, par: ParallelModel, opt: Optimization, prog: Prog
     and the final checkpoint also gathers the full weights for ``fastvl eval``)."""
     extra = {"skipped_steps": prog.skipped_steps, "consumed": prog.consumed, "fwd_flops_per_step": prog.flops_per_step}
     if info.enabled:  # every rank's RNG, so a resumed run continues each rank's random stream
-        extra["rank_rng"] = D.gather_objects(ckpt.rng_state(), info)
+        extra["rank_rng"] = distributed.gather_objects(ckpt.rng_state(), info)
     if not par.sharded:
         if info.is_main:
             ckpt.save(cfg.out, prog.step, par.module, opt.optimizer, opt.scheduler, extra=extra, keep=cfg.keep_ckpts)
-        D.barrier(info)
+        distributed.barrier(info)
         return
-    if not D.all_true(ckpt.weights_finite(par.module), info):
+    if not distributed.all_true(ckpt.weights_finite(par.module), info):
         raise RuntimeError(f"refusing to write checkpoint at step {prog.step}: the model has non-finite weights")
     tmp = ckpt.staging_dir(cfg.out, prog.step)
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    D.barrier(info)
+    distributed.barrier(info)
     ckpt.save_sharded(tmp, par.module, opt.optimizer)
     full = ckpt.full_state_dict(par.module) if final else None
     if info.is_main:
@@ -319,7 +320,7 @@ def save_checkpoint(cfg, info, par: ParallelModel, opt: Optimization, prog: Prog
             ckpt.write_weights(tmp, par.module, full)
         ckpt.write_state(tmp, prog.step, None, opt.scheduler, extra)
         ckpt.publish(cfg.out, prog.step, cfg.keep_ckpts)
-    D.barrier(info)
+    distributed.barrier(info)
 
 
 def finish(cfg, info, par: ParallelModel, opt: Optimization, comp: Components, prog: Progress, log: RunLog) -> dict:
@@ -330,7 +331,7 @@ def finish(cfg, info, par: ParallelModel, opt: Optimization, comp: Components, p
         "run_dir": cfg.out,
         "steps": opt.total_steps,
         "skipped_steps": prog.skipped_steps,
-        "skipped_videos": D.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0,
+        "skipped_videos": distributed.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0,
         "fwd_gflops_per_step": flops / 1e9 if flops else None,
         "total_fwd_pflops": flops * opt.total_steps / 1e15 if flops else None,
     }
@@ -358,9 +359,9 @@ def finish(cfg, info, par: ParallelModel, opt: Optimization, comp: Components, p
     return summary
 
 
-def train(cfg: TrainConfig, build: Callable[[TrainConfig, D.DistInfo], Components]) -> dict[str, Any]:
+def train(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], Components]) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns a summary (final metrics, paths, counts)."""
-    info = D.init(cfg.device)
+    info = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed + info.rank)
     if info.is_main:
         os.makedirs(cfg.out, exist_ok=True)

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from . import distributed as D
+from .distributed import DistInfo
 
 # methods that evaluation calls instead of forward; under FSDP they must gather the parameters like forward
 EVAL_METHODS = ("encode_video", "encode_text", "vtm_logits")
@@ -76,7 +76,7 @@ def broadcast_from_rank0(model: torch.nn.Module) -> None:
 
 def parallelize(
     model: torch.nn.Module,
-    info: D.DistInfo,
+    info: DistInfo,
     *,
     fsdp: bool = False,
     grad_ckpt: bool = False,

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from . import distributed as D
+from . import distributed
+from .distributed import DistInfo
 from .loop import Components, TrainConfig
 
 # model family -> (model overrides, data kwargs) for the embedded synthetic data
@@ -114,7 +115,7 @@ def probe_architecture(cfg: TrainConfig, overrides: dict[str, Any]) -> tuple[int
     return mc.num_frames, mc.img_size, text_length(probe)
 
 
-def open_training_data(cfg: TrainConfig, info: D.DistInfo, data_kw: dict[str, Any]):
+def open_training_data(cfg: TrainConfig, info: DistInfo, data_kw: dict[str, Any]):
     from fastvl.data import open_dataset
 
     n_train = cfg.extra.get("train_clips")
@@ -129,19 +130,19 @@ def open_training_data(cfg: TrainConfig, info: D.DistInfo, data_kw: dict[str, An
     )
 
 
-def load_or_train_tokenizer(cfg: TrainConfig, info: D.DistInfo, train_ds):
+def load_or_train_tokenizer(cfg: TrainConfig, info: DistInfo, train_ds):
     """The run's tokenizer: the one given (``--tokenizer``) or already in the run directory, else trained by
     rank 0 on the training captions (shards: read from the header scan, no video) and loaded by the others."""
     from fastvl.data import Tokenizer
 
     tok_dir = cfg.extra.get("tokenizer") or os.path.join(cfg.out, "tokenizer")
-    if D.all_true(os.path.isdir(tok_dir), info):
+    if distributed.all_true(os.path.isdir(tok_dir), info):
         return Tokenizer.load(tok_dir), tok_dir
     tok = None
     if info.is_main:
         tok = Tokenizer.train(train_ds.captions(), vocab_size=cfg.extra.get("vocab_size", 1000))
         tok.save(tok_dir)
-    D.barrier(info)
+    distributed.barrier(info)
     return tok if tok is not None else Tokenizer.load(tok_dir), tok_dir
 
 
@@ -221,7 +222,7 @@ def synthetic_label_captions(train_ds, tok, text_len: int):
     return label_captions
 
 
-def build(cfg: TrainConfig, info: D.DistInfo) -> Components:
+def build(cfg: TrainConfig, info: DistInfo) -> Components:
     """Tokenizer, model and loaders for ``cfg`` on this rank."""
     from fastvl.data import build_loader
     from fastvl.data.synthetic import SyntheticVideoText

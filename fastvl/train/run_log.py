@@ -9,13 +9,13 @@ import os
 import time
 from typing import Any
 
-from . import distributed as D
+from .distributed import DistInfo
 
 
 class RunLog:
     """Rank 0 writes; on other ranks every method does nothing."""
 
-    def __init__(self, cfg, info: D.DistInfo, comp, total_steps: int, start_step: int):
+    def __init__(self, cfg, info: DistInfo, comp, total_steps: int, start_step: int):
         self.cfg, self.info, self.total, self.start_step = cfg, info, total_steps, start_step
         self.samples_per_step = comp.samples_per_batch * cfg.grad_accum * info.world_size
         self.t_last, self.steps_since = time.perf_counter(), 0
