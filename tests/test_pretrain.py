@@ -44,6 +44,11 @@ def test_cli_pretrain_and_eval_synthetic(tmp_path, model, capsys):
     probe = summary["eval"]["attributes"]
     assert sorted(probe) == ["colour", "motion", "shape"] and probe["motion"]["chance"] == pytest.approx(100 / 6)
     assert "caption variant picked" in printed
+    if model == "vatt-tiny":  # its synthetic default does not learn in the CPU budget: the output says why
+        assert printed.count("note: vatt-tiny does not learn on the synthetic data") == 2
+        assert summary["note"].startswith("vatt-tiny does not learn")
+    else:
+        assert "note:" not in printed and "note" not in summary
     if model.startswith("allinone"):  # the fused VTM head re-ranks motion variants (where rolling acts)
         assert summary["eval"]["attributes_fused"]["motion"]["n"] == 24
     assert cli(["eval", out]) == 0

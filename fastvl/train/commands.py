@@ -12,7 +12,7 @@ from typing import Any
 from fastvl.usage import UsageError, float_above, int_at_least
 
 from .loop import TrainConfig
-from .pretrain import SYNTHETIC_TRAIN, default_run_dir, family
+from .pretrain import SYNTHETIC_TRAIN, default_run_dir, family, synthetic_note
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
@@ -305,6 +305,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"forward FLOPs: {summary['fwd_gflops_per_step']:.2f} GFLOPs/step, "
                 f"{summary['total_fwd_pflops'] * 1e3:.2f} TFLOPs in total"
             )
+        if synthetic_note(cfg.model, cfg.data) and cfg.eval:
+            print(f"note: {synthetic_note(cfg.model, cfg.data)}")
     distributed.cleanup()
     return 0
 

@@ -329,6 +329,7 @@ def finish(cfg, info, par: ParallelModel, opt: Optimization, comp: Components, p
     flops = prog.flops_per_step
     summary: dict[str, Any] = {
         "run_dir": cfg.out,
+        **({"note": comp.describe["note"]} if comp.describe.get("note") else {}),
         "steps": opt.total_steps,
         "skipped_steps": prog.skipped_steps,
         "skipped_videos": distributed.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0,
