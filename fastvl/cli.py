@@ -126,7 +126,7 @@ def _add_bench(sub) -> None:
 
 
 def require_pyav(what: str) -> None:
-    from fastvl.data.decode import require_av
+    from fastvl.data.decode_common import require_av
 
     try:
         require_av()

@@ -6,7 +6,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fastvl.data.decode import ClipError, audio_offset, crop_offsets, place_audio, plan_window, require_av
+from fastvl.data.decode_common import ClipError, audio_offset, crop_offsets, place_audio, plan_window, require_av
 from fastvl.data.transforms import short_side_size
 
 

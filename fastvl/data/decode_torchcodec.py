@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fastvl.data.decode import ClipError, audio_offset, crop_offsets, place_audio, plan_window
+from fastvl.data.decode_common import ClipError, audio_offset, crop_offsets, place_audio, plan_window
 from fastvl.data.transforms import short_side_size
 
 EPS = 1e-6  # a target within this of a frame's start shows that frame (PyAV's rule too)

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fastvl.data.decode import require_av
+from fastvl.data.decode_common import require_av
 
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")
 AUDIO_CODECS = ("aac",)

@@ -14,7 +14,7 @@ import tarfile
 import warnings
 from collections.abc import Iterator
 
-from fastvl.data.decode import SkippedVideoWarning
+from fastvl.data.decode_common import SkippedVideoWarning
 from fastvl.data.manifest import read_manifest, select_split
 from fastvl.data.mp4 import encode_mp4_bytes
 from fastvl.data.shard_names import expand_pattern

@@ -22,7 +22,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from fastvl.data.decode import SkippedVideoWarning, decode_clip, resolve_decoder
+from fastvl.data.decode import decode_clip, resolve_decoder
+from fastvl.data.decode_common import SkippedVideoWarning
 from fastvl.data.manifest import split_matches
 from fastvl.data.shard_names import expand_pattern, is_remote
 from fastvl.data.shard_reader import iter_tar, scan_shard

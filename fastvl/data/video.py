@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fastvl.data.decode import SkippedVideoWarning, decode_clip, resolve_decoder
+from fastvl.data.decode import decode_clip, resolve_decoder
+from fastvl.data.decode_common import SkippedVideoWarning
 from fastvl.data.manifest import ManifestEntry, read_manifest, select_split
 from fastvl.data.skips import SkipCounter
 from fastvl.data.transforms import normalize_hwc
