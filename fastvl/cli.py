@@ -35,11 +35,32 @@ def _versions() -> list[tuple[str, str]]:
     return out
 
 
+def print_capabilities() -> None:
+    """The declared capability table of every backend of every op, one block per op."""
+    from fastvl import backends
+
+    columns = ("backend", "priority", "requires", "devices", "dtypes", "limits", "features")
+    rows = backends.capability_table()
+    print("== declared capabilities (each op's backends.py; auto tries backends by priority) ==")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        block = [r for r in rows if r["op"] == op]
+        width = {c: max(len(c), *(len(r[c]) for r in block)) for c in columns}
+        print(op)
+        print("  " + "  ".join(c.ljust(width[c]) for c in columns).rstrip())
+        for r in block:
+            print("  " + "  ".join(r[c].ljust(width[c]) for c in columns).rstrip())
+        for name in dict.fromkeys(r["backend"] for r in block if r["check"] != "-"):
+            print(f"  {name} also checks: {next(r['check'] for r in block if r['backend'] == name)}")
+
+
 def cmd_info(args) -> int:
     import torch
 
     from fastvl import backends
 
+    if getattr(args, "capabilities", False):
+        print_capabilities()
+        return 0
     print("== fastvl info ==")
     for k, v in _versions():
         print(f"  {k:<12} {v}")
@@ -64,10 +85,10 @@ def cmd_info(args) -> int:
                 continue
             print(f"    on {d}: {chosen}")
             for name, reasons in why.items():
-                if not backends._REGISTRY[op][name].available():
+                if not backends.get(op, name).available():
                     print(f"      - {name}: {'; '.join(reasons)}")
     if getattr(args, "model", None):
-        from fastvl import models  # noqa: F401  (added by the models issue)
+        from fastvl import models
 
         models.describe(args.model)
     return 0
@@ -270,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     pi = sub.add_parser("info", help="versions, devices, backends per op and why the others are not used")
     pi.add_argument("--model", default=None, help="also print a model's parameters and FLOPs (fastvl.models.describe)")
+    pi.add_argument(
+        "--capabilities", action="store_true", help="print what every backend of every op declares it supports"
+    )
     pi.set_defaults(fn=cmd_info)
     pd = sub.add_parser("demo", help="run every token op once and check it against its reference")
     pd.set_defaults(fn=cmd_demo)

@@ -373,8 +373,9 @@ def test_dispatch_reasons():
     # the GPU path's reasons, seen on meta tensors (not CPU ones: on the CPU sdpa takes offsets and is deterministic)
     qm = q.to("meta")
     off = torch.zeros(17, dtype=torch.int64, device="meta")
-    sdpa = fastvl.backends._REGISTRY["flash_attention"]["sdpa"]
-    call = fastvl.ops.flash_attention.make_call(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True)
+    sdpa = fastvl.backends.get("flash_attention", "sdpa")
+    (request,) = fastvl.ops.attention.prepare(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True).requests
+    call = request.call
     why = " ".join(sdpa.reasons(call))
     assert "frame_offsets" in why and "deterministic=True" in why and "runs on CUDA tensors" in why
 
