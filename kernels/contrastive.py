@@ -141,9 +141,11 @@ def _scores(
 
 
 @triton.jit
-def _span(n, BLOCK: tl.constexpr):
-    """This program's streamed range ``[lo, hi)`` along axis 1 of the grid (``n`` rows in all)."""
-    per = tl.cdiv(tl.cdiv(n, BLOCK), tl.num_programs(1)) * BLOCK
+def _span(n, spans, BLOCK: tl.constexpr):
+    """This program's streamed range ``[lo, hi)``: span ``program_id(1)`` of ``spans`` over ``n`` rows.
+    Grid sizes come as arguments, so a launch with one span is specialised (an argument equal to 1
+    is a compile-time constant on CUDA)."""
+    per = tl.cdiv(tl.cdiv(n, BLOCK), spans) * BLOCK
     lo = tl.program_id(1) * per
     return lo, tl.minimum(n, lo + per)
 
@@ -239,6 +241,8 @@ def _lse_fwd_kernel(
     sqd,
     skn,
     skd,
+    n_row,
+    spans,
     D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SYMMETRIC: tl.constexpr,
@@ -251,11 +255,11 @@ def _lse_fwd_kernel(
     folds the column LSE of its rows into its slot ``colp_ptr[row program]`` (written on its first row
     block, merged after)."""
     pid = tl.program_id(0)
-    lo, hi = _span(N, BLOCK_N)
+    lo, hi = _span(N, spans, BLOCK_N)
     s = tl.load(scale_ptr).to(tl.float32)
     slot = colp_ptr + pid.to(tl.int64) * N
     out = row_ptr + tl.program_id(1).to(tl.int64) * M
-    for rb in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    for rb in range(pid, tl.cdiv(M, BLOCK_M), n_row):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         rm = rows < M
         qt = _resident(q_ptr, rows, rm, sqm, sqd, D, BLOCK_D)
@@ -302,6 +306,7 @@ def _siglip_fwd_kernel(
     sqd,
     skn,
     skd,
+    spans,
     D: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -311,7 +316,7 @@ def _siglip_fwd_kernel(
     """Grid (row blocks, column spans): each program writes the sum of its rows x span to ``out_ptr[program]``."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < M
-    lo, hi = _span(N, BLOCK_N)
+    lo, hi = _span(N, spans, BLOCK_N)
     s = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     qt = _resident(q_ptr, rows, rm, sqm, sqd, D, BLOCK_D)
@@ -328,7 +333,7 @@ def _siglip_fwd_kernel(
         l1p = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
         v = tl.maximum(-z, 0.0) + l1p
         total += tl.sum(tl.where(rm[:, None] & cn[None, :], v, 0.0), 1)
-    tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(total, 0))
+    tl.store(out_ptr + tl.program_id(0) * spans + tl.program_id(1), tl.sum(total, 0))
 
 
 # ---- gradients (both losses, both sides) ---------------------------------------------------
@@ -355,6 +360,7 @@ def _grad_kernel(
     srd,
     sss,
     ssd,
+    spans,
     D: tl.constexpr,
     BLOCK_O: tl.constexpr,
     SIGLIP: tl.constexpr,
@@ -379,7 +385,7 @@ def _grad_kernel(
     Q_AXIS: tl.constexpr = 1 if DK else 0  # the tile axis that runs over q's rows
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < R
-    lo, hi = _span(S, BLOCK_N)
+    lo, hi = _span(S, spans, BLOCK_N)
     s = tl.load(scale_ptr).to(tl.float32)
     fac = tl.load(fac_ptr).to(tl.float32)
     inv = 1.0 / fac  # LSE weights are divided by max|alpha, beta| before the cast
@@ -420,7 +426,7 @@ def _grad_kernel(
         if NEED_OUT:
             acc = _mma((p * P_SCALE).to(st.dtype), st, acc, PREC)
     if not DK:  # every feature slice saw the same G: the first one reports it
-        slot = pid * tl.num_programs(1) + tl.program_id(1)
+        slot = pid * spans + tl.program_id(1)
         first = tl.program_id(2) == 0
         tl.store(part_ptr + 2 * slot, tl.sum(ds, 0) * fac, mask=first)
         tl.store(part_ptr + 2 * slot + 1, tl.sum(db, 0) * fac, mask=first)
@@ -610,6 +616,8 @@ def lse_forward(
         q.stride(1),
         k.stride(0),
         k.stride(1),
+        row_progs,
+        spans,
         HAS_MASK=col_mask is not None,
         SYMMETRIC=symmetric,
         **_tile_meta(t, q),
@@ -676,6 +684,7 @@ def _gradients(
             res.stride(1),
             other.stride(0),
             other.stride(1),
+            spans,
             DK=dk,
             NEED_OUT=need_out,
             **common,
@@ -748,6 +757,7 @@ def siglip_forward(
         q.stride(1),
         k.stride(0),
         k.stride(1),
+        spans,
         **_tile_meta(t, q),
     )
     return parts.sum().reshape(1)

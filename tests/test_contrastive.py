@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastvl
 from fastvl import BackendError
 from fastvl.ops import contrastive as C
-from fastvl.testing import assert_close, device, dtypes_to_test, kernel_backends, noncontiguous
+from fastvl.testing import assert_close, device, dtypes_to_test, interpret, kernel_backends, noncontiguous
 
 DEV = device()
 KERNELS = kernel_backends("triton")
@@ -300,8 +300,8 @@ def _gpu_tiles():
     return [pytest.param(kind, t, D, id=f"{kind}-{'-'.join(map(str, t))}-D{D}") for (kind, t), D in out.items()]
 
 
-@pytest.mark.skipif(not KERNELS, reason="no Triton here (needs a GPU or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("kind,tiles,D", _gpu_tiles() if KERNELS else [])
+@pytest.mark.skipif(not interpret(), reason="forces the GPU tile tables through TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,tiles,D", _gpu_tiles() if interpret() else [])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_tiles_in_the_interpreter(kind, tiles, D, dtype, monkeypatch):
     """Each GPU tile shape of ``kind`` forced through the interpreter at B not a multiple of any block:
