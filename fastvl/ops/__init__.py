@@ -3,6 +3,7 @@
 from .attention import flash_attention, flash_attention_varlen, roll_frame_offsets
 from .contrastive import clip_loss, mil_nce_loss, siglip_loss
 from .layer_norm import layer_norm
+from .masking import masked_patch_loss, restore_tokens, tube_masking
 from .roll import temporal_token_roll
 from .tokens import drop_tokens, gather_tokens, random_masking
 
@@ -13,9 +14,12 @@ __all__ = [
     "flash_attention_varlen",
     "gather_tokens",
     "layer_norm",
+    "masked_patch_loss",
     "mil_nce_loss",
     "random_masking",
+    "restore_tokens",
     "roll_frame_offsets",
     "siglip_loss",
     "temporal_token_roll",
+    "tube_masking",
 ]
