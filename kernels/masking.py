@@ -22,8 +22,9 @@ mask token + pos[keep]]``.
 **Masked patch loss.** One program per prediction row: it gathers its patch from the clip ``(B, T, 3, H, W)``
 (any strides; each channel plane a run along W, so 16-byte loads), normalises it in registers (MAE: over the
 whole patch, ``(x - mean) / sqrt(var + 1e-6)``; VideoMAE: per channel, ``(x - mean) / (std + 1e-6)``,
-unbiased variances) and compares it with ``pred``'s row in VideoMAE's element order ``(dt, dy, dx, c)``. The
-backward recomputes the target rather than storing a gradient or a target the size of the clip.
+unbiased variances) and compares it with ``pred``'s row in VideoMAE's element order ``(dt, dy, dx, c)``, read
+as one contiguous vector and regrouped by channel on chip. The backward recomputes the target rather than
+storing a gradient or a target the size of the clip.
 """
 
 from __future__ import annotations
@@ -169,8 +170,9 @@ def tube_mask(
     ids = empty((B, T * N), torch.int64, x.device)
     if B == 0:
         return vis, mask, ids
-    BLOCK_N = min(64, _pow2(N, 16))
-    BLOCK_C = max(16, min(_pow2(C), 8192 // BLOCK_N, 256))
+    # 32 x 32 rank tiles and 32 x 64 row tiles: 56 registers, no spills on sm_90 (64-wide rank tiles spill)
+    BLOCK_N = min(32, _pow2(N, 16))
+    BLOCK_C = max(16, min(_pow2(C), 64))
     n_cblocks = triton.cdiv(C, BLOCK_C)
     if c_split is None:
         c_split = max(1, min(n_cblocks, triton.cdiv(4 * _sm_count(x.device), B * n_tubes)))
@@ -642,7 +644,12 @@ def _patch_loss_kernel(
     BLOCK_P: tl.constexpr,
 ):
     """Forward: out[b*R + r] = mask[b, q] * mean_d (pred[b, r] - target[b, q])^2 with q = idx[b, r] (or r).
-    Backward: out = grad pred = g * 2 (pred - target) mask[b, q] / (D * count)."""
+    Backward: out = grad pred = g * 2 (pred - target) mask[b, q] / (D * count).
+
+    The patch is a tile of ``BLOCK_U * BLOCK_P**2`` pixels k = (dt, dy, dx), one vector per channel (the clip's
+    planes load as runs along W). ``pred``'s row is ``(dt, dy, dx, c)`` with c fastest: it is loaded (and the
+    gradient stored) as one contiguous vector and moved between the two orders with ``tl.gather`` (through
+    shared memory), so both sides use wide accesses."""
     row = tl.program_id(0).to(tl.int64)
     b = row // R
     r = row % R
@@ -653,14 +660,15 @@ def _patch_loss_kernel(
     w = tl.load(mask_ptr + b * s_mb + q * s_mp) != 0
     PIX: tl.constexpr = U * P * P
     D: tl.constexpr = 3 * PIX
-    k = tl.arange(0, BLOCK_U * BLOCK_P * BLOCK_P)
+    TILE: tl.constexpr = BLOCK_U * BLOCK_P * BLOCK_P
+    k = tl.arange(0, TILE)
     dt = k // (BLOCK_P * BLOCK_P)
     dy = (k // BLOCK_P) % BLOCK_P
     dx = k % BLOCK_P
     valid = (dt < U) & (dy < P) & (dx < P)
-    # pred's element order within a row: (dt, dy, dx, c), c fastest (VideoMAE's '(p0 p1 p2 c)')
-    p_offs = (((dt * P + dy) * P + dx) * 3).to(tl.int64) * s_pd
-    p_row = pred_ptr + b * s_pb + r * s_pr
+    e = tl.arange(0, 4 * TILE)  # pred's row, flat
+    ev = e < D
+    o_row = out_ptr + row * D
     if w:
         tp = q // (Hp * Wp)
         hp = (q // Wp) % Hp
@@ -687,26 +695,25 @@ def _patch_loss_kernel(
             x0 /= tl.sqrt(tl.sum(x0 * x0, axis=0) / (PIX - 1)) + 1e-6
             x1 /= tl.sqrt(tl.sum(x1 * x1, axis=0) / (PIX - 1)) + 1e-6
             x2 /= tl.sqrt(tl.sum(x2 * x2, axis=0) / (PIX - 1)) + 1e-6
-        d0 = tl.where(valid, tl.load(p_row + p_offs, mask=valid, other=0.0).to(tl.float32) - x0, 0.0)
-        d1 = tl.where(valid, tl.load(p_row + p_offs + s_pd, mask=valid, other=0.0).to(tl.float32) - x1, 0.0)
-        d2 = tl.where(valid, tl.load(p_row + p_offs + 2 * s_pd, mask=valid, other=0.0).to(tl.float32) - x2, 0.0)
+        flat = tl.load(pred_ptr + b * s_pb + r * s_pr + e.to(tl.int64) * s_pd, mask=ev, other=0.0)
+        at = tl.where(valid, ((dt * P + dy) * P + dx) * 3, 0)  # pixel k's first element in pred's row
+        d0 = tl.where(valid, tl.gather(flat, at, 0).to(tl.float32) - x0, 0.0)
+        d1 = tl.where(valid, tl.gather(flat, at + 1, 0).to(tl.float32) - x1, 0.0)
+        d2 = tl.where(valid, tl.gather(flat, at + 2, 0).to(tl.float32) - x2, 0.0)
         if BACKWARD:
             f = tl.load(gout_ptr).to(tl.float32) * 2.0 / (D * tl.load(count_ptr).to(tl.float32))
-            o_row = out_ptr + row * D
-            o_offs = (dt * P + dy) * P + dx
-            tl.store(o_row + o_offs * 3, (d0 * f).to(out_ptr.dtype.element_ty), mask=valid)
-            tl.store(o_row + o_offs * 3 + 1, (d1 * f).to(out_ptr.dtype.element_ty), mask=valid)
-            tl.store(o_row + o_offs * 3 + 2, (d2 * f).to(out_ptr.dtype.element_ty), mask=valid)
+            # [TILE, 2, 2] -> k*4 + c order (c = 0, 1, 2, pad), then pred's order: element e is pixel e // 3
+            quad = tl.reshape(tl.join(tl.join(d0 * f, d2 * f), tl.join(d1 * f, tl.zeros_like(d0))), [4 * TILE])
+            pix = e // 3
+            kk = ((pix // (P * P)) * BLOCK_P + (pix // P) % P) * BLOCK_P + pix % P
+            g = tl.gather(quad, tl.where(ev, kk * 4 + e % 3, 0), 0)
+            tl.store(o_row + e, g.to(out_ptr.dtype.element_ty), mask=ev)
         else:
             sq = tl.sum(d0 * d0, axis=0) + tl.sum(d1 * d1, axis=0) + tl.sum(d2 * d2, axis=0)
             tl.store(out_ptr + row, sq / D)
     else:
         if BACKWARD:
-            o_offs = ((dt * P + dy) * P + dx) * 3
-            zero = tl.zeros([BLOCK_U * BLOCK_P * BLOCK_P], dtype=out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row * D + o_offs, zero, mask=valid)
-            tl.store(out_ptr + row * D + o_offs + 1, zero, mask=valid)
-            tl.store(out_ptr + row * D + o_offs + 2, zero, mask=valid)
+            tl.store(o_row + e, tl.zeros([4 * TILE], dtype=out_ptr.dtype.element_ty), mask=ev)
         else:
             tl.store(out_ptr + row, 0.0)
 
