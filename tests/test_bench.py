@@ -78,9 +78,10 @@ def test_smoke_rows_schema(smoke):
             assert r["config"]["limits"] == "measured"
 
 
-FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "models"}
+FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "masking", "models"}
 BOUND = {
     "tokens": "memory",
+    "masking": "memory",
     "layer_norm": "memory",
     "attention": "compute",
     "contrastive": "compute",
