@@ -675,3 +675,85 @@ def test_gpu_videomae_b_shapes():
     loss = fastvl.ops.masked_patch_loss(pred, video, mask, backend="triton", **kw)
     ref = fastvl.ops.masked_patch_loss(pred.float(), video, mask, backend="reference", **kw)
     assert_close(loss, ref, torch.float32, rtol=1e-4)
+
+
+# ---- sm_90 compile ---------------------------------------------------------------------------
+
+_SM90 = r"""
+import contextlib, io, json, os, re, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+launches = []
+JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
+from fastvl.kernels import masking as km
+from fastvl.ops.masking import keep_inverse
+
+# VideoMAE-B: 8 x 196 tokens, encoder 768, decoder 384, ratio 0.9 (19 kept per frame); 16 clips (like 64: % 16)
+bf, B, T, N, C, Cd, K = torch.bfloat16, 16, 8, 196, 768, 384, 19
+L, TK = T * N, T * K
+x = torch.empty(B * T, N, C, dtype=bf)
+km.tube_mask(x, T, T, K, seed=torch.zeros(1, dtype=torch.int64), pos=torch.empty(L, C), mask_dtype=bf)
+km.tube_mask(x, T, 2, K, noise=torch.empty(B * 4, N), mask_dtype=bf)
+ids = torch.argsort(torch.rand(B, L), 1)
+enc, tok, pos = torch.empty(B, TK, Cd, dtype=bf), torch.empty(Cd), torch.empty(L, Cd)
+keep = torch.argsort(ids, 1)[:, TK : TK + 700]
+km.restore(enc, ids, tok, pos)
+km.restore(torch.empty(B, TK, C, dtype=bf), ids, None, None, colsum=True)
+km.restore_keep(enc, ids, keep, tok, pos)
+km.restore_backward(torch.empty(B, L, Cd, dtype=bf), ids, TK, None)
+km.restore_backward(torch.empty(B, TK + 700, Cd, dtype=bf), ids, TK, keep_inverse(keep, L), need_visible=False)
+video, mask, count = torch.empty(B, 16, 3, 224, 224), torch.zeros(B, L, dtype=torch.bool), torch.ones(())
+pred = torch.empty(B, L, 1536, dtype=bf)
+for norm in (km.NORM_PATCH, km.NORM_CHANNEL):
+    for grad in (None, torch.ones(())):
+        km.patch_loss(pred, video, mask, None, count, patch=16, tubelet=2, norm=norm, affine=(1,) * 6, grad=grad)
+km.patch_loss(pred[:, :700], video, mask, torch.zeros(B, 700, dtype=torch.int64), count, patch=16, tubelet=2, norm=2)
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+out = []
+for fn, args, kwargs in launches:
+    kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=dict(options.__dict__))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    ptx = k.asm["ptx"]
+    wide = len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v4\.b32|ld\.global(?:\.[a-z0-9]+)*\.v2\.b64", ptx))
+    spills = [int(s) for s in spills.groups()] if spills else None  # ptxas -v: spills are decided there
+    out.append({"kernel": fn.__name__, "spills": spills, "shared": k.metadata.shared, "wide_loads": wide})
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    """Every masking launch at VideoMAE-B shapes, bound as a CUDA launch binds it (16-byte aligned pointers,
+    sizes divisible by 16), compiled for sm_90a: no spills, within shared memory, 16-byte global loads."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVL_POISON")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: ptxas runs and reports spills
+    res = subprocess.run([sys.executable, "-c", _SM90], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    kernels = json.loads(res.stdout)
+    names = {k["kernel"] for k in kernels}
+    assert names == {"_tube_mask_kernel", "_restore_kernel", "_restore_keep_kernel", "_restore_backward_kernel",
+                     "_patch_loss_kernel"}  # fmt: skip
+    for k in kernels:
+        assert k["spills"] == [0, 0], k
+        assert k["shared"] <= 227 * 1024 and k["wide_loads"] > 0, k
