@@ -38,7 +38,6 @@ from .utils import empty, on_tensor_device
 NORM_NONE = 0
 NORM_PATCH = 1  # MAE's norm_pix_loss: statistics over the whole patch, (x - mean) / sqrt(var + eps)
 NORM_CHANNEL = 2  # VideoMAE / SimVTP: statistics per channel, (x - mean) / (std + eps)
-NORM_EPS = 1e-6
 MAX_PATCH_PIXELS = 2048  # tubelet * patch * patch, each rounded up to a power of 2: one patch held on chip
 MAX_TOKENS = (1 << 20) - 1  # the draw packs token indices in 20 bits
 NOMINAL_SMS = 132  # an H100's SM count, used to size grids where no GPU is present (the interpreter)
@@ -719,7 +718,7 @@ def _patch_loss_kernel(
 
 
 def patch_blocks(patch: int, tubelet: int) -> tuple[int, int]:
-    """(BLOCK_U, BLOCK_P): the on-chip tile of one patch, ``BLOCK_U * BLOCK_P**2 <= MAX_PATCH_PIXELS``."""
+    """(BLOCK_U, BLOCK_P): the on-chip tile of one patch (dispatch keeps ``BLOCK_U * BLOCK_P**2 <= MAX_PATCH_PIXELS``)."""
     return _pow2(tubelet), _pow2(patch)
 
 
