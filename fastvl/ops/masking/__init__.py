@@ -293,7 +293,7 @@ def tube_masking(
 
 def _check_rows_are_permutations(op: str, ids: torch.Tensor) -> None:
     L = ids.shape[1]
-    ok = torch.equal(torch.sort(ids, dim=1).values, torch.arange(L, device=ids.device).expand_as(ids))
+    ok = torch.equal(torch.sort(ids, dim=1).values, torch.arange(L, device=ids.device, dtype=ids.dtype).expand_as(ids))
     if not ok:
         raise ValueError(f"{op}: argument 'ids_restore' must hold a permutation of [0, L={L}) in every row")
 
