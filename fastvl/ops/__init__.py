@@ -3,6 +3,7 @@
 from .attention import flash_attention, flash_attention_varlen, roll_frame_offsets
 from .contrastive import clip_loss, mil_nce_loss, siglip_loss
 from .layer_norm import layer_norm
+from .masking import masked_patch_loss, restore_tokens, tube_masking
 from .merge import MergeInfo, merge_tokens, unmerge_tokens
 from .roll import temporal_token_roll
 from .select import frame_scores, received_attention, select_space_time, select_tokens
@@ -17,14 +18,17 @@ __all__ = [
     "flash_attention_varlen",
     "gather_tokens",
     "layer_norm",
+    "masked_patch_loss",
     "merge_tokens",
     "mil_nce_loss",
     "random_masking",
     "received_attention",
+    "restore_tokens",
     "roll_frame_offsets",
     "select_space_time",
     "select_tokens",
     "siglip_loss",
     "temporal_token_roll",
+    "tube_masking",
     "unmerge_tokens",
 ]
