@@ -193,17 +193,25 @@ def _triton_fwd(q, k, v, kpm, shift, cu_q, cu_k, max_q, max_k, num_frames, scale
     )  # fmt: skip
 
 
-def _triton_bwd(dout, q, k, v, out, lse, kpm, shift, cu_q, cu_k, max_q, max_k, num_frames, scale, causal):
+def _triton_bwd(dout, q, k, v, out, lse, kpm, shift, cu_q, cu_k, max_q, max_k, num_frames, scale, causal, det=False):
     from fastvl.kernels.attention import attention_backward
 
     return attention_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, key_padding_mask=kpm, shift=shift,
         num_frames=num_frames, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        deterministic=det,
     )  # fmt: skip
 
 
 _FWD = {"reference": attention_reference, "triton": _triton_fwd}
-_BWD = {"reference": attention_reference_backward, "triton": _triton_bwd}
+
+
+def _reference_bwd(*args):
+    """The reference backward, called with the trailing ``deterministic`` flag (it always is)."""
+    return attention_reference_backward(*args[:-1])
+
+
+_BWD = {"reference": _reference_bwd, "triton": _triton_bwd}
 
 
 # ---- peers: called with their own autograd, outside fastvl's custom op -------------------------
@@ -444,6 +452,7 @@ def _attn_op(
     scale: float,
     causal: bool,
     backend: str,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     call = _call(
         q,
@@ -457,7 +466,7 @@ def _attn_op(
         max_seqlen_k,
         num_frames,
         causal,
-        False,
+        deterministic,
     )
     return run(
         _FWD, backend, call, q, k, v, key_padding_mask, shift, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -484,6 +493,7 @@ def _(
     scale,
     causal,
     backend,
+    deterministic=False,
 ):
     rows = _rows(q, cu_seqlens_q is not None)
     return q.new_empty(q.shape), q.new_empty((q.shape[-2], rows), dtype=torch.float32)
@@ -507,6 +517,7 @@ def _attn_bwd_op(
     scale: float,
     causal: bool,
     backend: str,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     call = _call(
         q,
@@ -520,11 +531,11 @@ def _attn_bwd_op(
         max_seqlen_k,
         num_frames,
         causal,
-        False,
+        deterministic,
     )
     return run(
         _BWD, backend, call, dout, q, k, v, out, lse, key_padding_mask, shift, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, num_frames, scale, causal,
+        max_seqlen_q, max_seqlen_k, num_frames, scale, causal, deterministic,
     )  # fmt: skip
 
 
@@ -546,24 +557,25 @@ def _(
     scale,
     causal,
     backend,
+    deterministic=False,
 ):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend = inputs
+    q, k, v, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend, *det = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kpm, shift, cu_q, cu_k)
-    ctx.args = (max_q, max_k, T, scale, causal, backend)
+    ctx.args = (max_q, max_k, T, scale, causal, backend, bool(det and det[0]))
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kpm, shift, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
-        return (None,) * 13
+        return (None,) * 14
     dq, dk, dv = _attn_bwd_op(dout, q, k, v, out, lse, kpm, shift, cu_q, cu_k, *ctx.args)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 11
 
 
 _attn_op.register_autograd(_backward, setup_context=_setup)
@@ -585,12 +597,12 @@ def _pairs(q, k, cu_q, cu_k, max_q, max_k) -> int:
         return (cu_q.shape[0] - 1) * max_q * max_k
 
 
-def _attn_flops(q, k, v, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend, **_) -> int:
+def _attn_flops(q, k, v, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend, *_, **__) -> int:
     f = 4 * _pairs(q, k, cu_q, cu_k, max_q, max_k) * q.shape[-2] * q.shape[-1]
     return f // 2 if causal else f
 
 
-def _attn_bwd_flops(dout, q, k, v, out, lse, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend, **_):
+def _attn_bwd_flops(dout, q, k, v, out, lse, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend, *_, **__):
     return 5 * _attn_flops(q, k, v, kpm, shift, cu_q, cu_k, max_q, max_k, T, scale, causal, backend) // 2
 
 
@@ -745,8 +757,8 @@ def flash_attention(
     q ``(N, Sq, H, D)``, k/v ``(N, Sk, H, D)`` (fp16/bf16/fp32, any strides) -> ``(N, Sq, H, D)`` in q's
     dtype. ``softmax_scale`` defaults to ``1/sqrt(D)``. ``causal``: bottom-right aligned (flash-attn).
     ``key_padding_mask (N, Sk)`` bool, True = padded key to ignore; rows with no visible key give zeros.
-    ``deterministic``: bitwise-repeatable gradients (fastvl's kernels always are; peers that are not are
-    skipped). ``frame_offsets (S,)`` int with ``num_frames=T``: roll-aware addressing (module docstring).
+    ``deterministic``: bitwise-repeatable gradients (fastvl's Triton backward then computes dQ in a second
+    pass instead of adding it up with fp32 atomics; peers that cannot are skipped). ``frame_offsets (S,)`` int with ``num_frames=T``: roll-aware addressing (module docstring).
     fp32 inputs: the Triton kernel's dots are exact fp32 unless ``torch.get_float32_matmul_precision()`` allows
     tf32 (then ~1e-3 relative error, like torch's own tf32 matmuls).
     """
@@ -764,7 +776,7 @@ def flash_attention(
         q, k, v = (roll_rows(t, shift, T) for t in (q, k, v))
         kpm = None if key_padding_mask is None else roll_rows(key_padding_mask, shift, T)
         return roll_rows(_PEERS[name](q, k, v, kpm, scale, causal, deterministic), shift, T, inverse=True)
-    out, _ = _attn_op(q, k, v, key_padding_mask, shift, None, None, 0, 0, T, scale, causal, name)
+    out, _ = _attn_op(q, k, v, key_padding_mask, shift, None, None, 0, 0, T, scale, causal, name, deterministic)
     return out
 
 
@@ -853,7 +865,9 @@ def flash_attention_varlen(
     name = backends.select(OP, request, call)
     if name == "flash_attn":
         return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, deterministic)
-    out, _ = _attn_op(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 1, scale, causal, name)
+    out, _ = _attn_op(
+        q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 1, scale, causal, name, deterministic
+    )
     return out
 
 
