@@ -535,9 +535,9 @@ def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     return tuple(x.stride())
 
 
-def _row_block(block_d: int) -> int:
-    """Rows per program of the elementwise backward kernels (delta, the dQ cast): 8K elements a tile."""
-    return 64 if INTERPRET else max(16, min(128, 8192 // block_d))
+def _row_block(block_d: int, elem: int) -> int:
+    """Rows per program of the elementwise backward kernels (delta, the dQ cast): 16 KB tiles."""
+    return 64 if INTERPRET else max(16, min(128, 16384 // (block_d * elem)))
 
 
 class _Launch:
@@ -673,7 +673,7 @@ def attention_backward(
     # the fp32 dQ accumulator: dq itself when fp32, else a contiguous scratch cast into dq at the end
     dq_acc = dq if not atomic or dq.dtype == torch.float32 else empty(q.shape, torch.float32, q.device)
     delta = empty((L.H, L.rows), torch.float32, q.device)
-    rows_m = _row_block(L.block_d)
+    rows_m = _row_block(L.block_d, q.element_size())
     if L.Sq > 0:
         _attn_bwd_pre[(triton.cdiv(L.Sq, rows_m), L.N * L.H)](
             out, dout, delta, dq_acc, L.shift, L.cu_q,

@@ -758,7 +758,8 @@ def flash_attention(
     dtype. ``softmax_scale`` defaults to ``1/sqrt(D)``. ``causal``: bottom-right aligned (flash-attn).
     ``key_padding_mask (N, Sk)`` bool, True = padded key to ignore; rows with no visible key give zeros.
     ``deterministic``: bitwise-repeatable gradients (fastvl's Triton backward then computes dQ in a second
-    pass instead of adding it up with fp32 atomics; peers that cannot are skipped). ``frame_offsets (S,)`` int with ``num_frames=T``: roll-aware addressing (module docstring).
+    pass instead of adding it up with fp32 atomics; peers that cannot are skipped). ``frame_offsets (S,)``
+    int with ``num_frames=T``: roll-aware addressing (module docstring).
     fp32 inputs: the Triton kernel's dots are exact fp32 unless ``torch.get_float32_matmul_precision()`` allows
     tf32 (then ~1e-3 relative error, like torch's own tf32 matmuls).
     """
