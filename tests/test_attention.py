@@ -562,8 +562,9 @@ def test_dispatch_reasons():
     # the GPU path's reasons, seen on meta tensors (not CPU ones: on the CPU sdpa takes offsets and is deterministic)
     qm = q.to("meta")
     off = torch.zeros(17, dtype=torch.int64, device="meta")
-    sdpa = fastvl.backends._REGISTRY["flash_attention"]["sdpa"]
-    call = fastvl.ops.flash_attention.make_call(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True)
+    sdpa = fastvl.backends.get("flash_attention", "sdpa")
+    (request,) = fastvl.ops.attention.prepare(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True).requests
+    call = request.call
     why = " ".join(sdpa.reasons(call))
     assert "frame_offsets" in why and "deterministic=True" in why and "runs on CUDA tensors" in why
 
@@ -711,7 +712,7 @@ def test_opcheck_and_fake():
     q, k, v = (torch.randn(2, 9, 2, 16, requires_grad=True) for _ in range(3))
     kpm = torch.zeros(2, 9, dtype=torch.bool)
     kpm[1, 4:] = True
-    args = (q, k, v, kpm, None, None, None, 0, 0, 1, 0.25, True, "reference")
+    args = (q, k, v, kpm, None, None, None, 0, 0, 1, 0.25, True, False, "reference")
     torch.library.opcheck(torch.ops.fastvl.flash_attention.default, args)
     from torch._subclasses.fake_tensor import FakeTensorMode
 

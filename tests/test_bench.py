@@ -78,10 +78,12 @@ def test_smoke_rows_schema(smoke):
             assert r["config"]["limits"] == "measured"
 
 
-FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "models"}
+FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "models", "select", "merge"}
 BOUND = {
     "tokens": "memory",
     "layer_norm": "memory",
+    "select": "memory",
+    "merge": "memory",
     "attention": "compute",
     "contrastive": "compute",
     "models": "compute",

@@ -26,7 +26,7 @@ MIL_KERNEL_SHAPES = [(1, 32, 3), (7, 200, 3), (64, 256, 3), (333, 32, 1)]
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """Blocks of ~1500 logits, so the chunked backend walks several blocks even at B=64."""
-    monkeypatch.setattr(C, "CHUNK_ELEMS", 1500)
+    monkeypatch.setattr(C.chunked, "CHUNK_ELEMS", 1500)
 
 
 def unit(*shape, scale: float = 1.0) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_clip_spec_hand_case():
 
 
 def test_mil_nce_spec_against_loops():
-    """design.md's sentence, term by term: denominators over [s(i,j,p)] ++ [s(j,i,p)], invalid texts out."""
+    """The reference's definition, term by term: denominators over [s(i,j,p)] ++ [s(j,i,p)], invalid texts out."""
     B, P, D, s = 4, 2, 5, 3.0
     v, t = unit(B, D), unit(B, P, D)
     valid = torch.tensor([True, False, True, True], device=DEV)
@@ -141,7 +141,7 @@ def test_siglip_spec_hand_case():
 @pytest.mark.parametrize("B", B_VALUES)
 @pytest.mark.parametrize("D", D_VALUES)
 def test_torch_backends(backend, dtype, B, D, monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_ELEMS", (B // 3 + 1) * B)  # CLIP: 3 row blocks (ragged), MIL: ~3P
+    monkeypatch.setattr(C.chunked, "CHUNK_ELEMS", (B // 3 + 1) * B)  # CLIP: 3 row blocks (ragged), MIL: ~3P
     a, b = unit(B, D), unit(B, D)
     check_loss("clip", backend, dtype, [a, b], [14.3])
     check_loss("siglip", backend, dtype, [a, b], [10.0, -10.0])
@@ -253,7 +253,7 @@ def _largest(fn) -> int:
 
 
 def test_chunked_never_materialises_the_logits(monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_ELEMS", 1 << 16)
+    monkeypatch.setattr(C.chunked, "CHUNK_ELEMS", 1 << 16)
     B, D = 2048, 8
     q, k = torch.randn(B, D), torch.randn(B, D)
     s = torch.tensor(3.0)
@@ -584,7 +584,7 @@ def _dist_worker(rank, world, port, backends_to_test, with_open_clip):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        C.CHUNK_ELEMS = 1500
+        C.chunked.CHUNK_ELEMS = 1500
         torch.manual_seed(1234)  # the same global batch on every rank
         Bl, D, P = 6, 16, 2
         Bg = world * Bl

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+from fastvl import rules
+
+from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device, sincos_1d, sincos_2d
 from .blocks import Encoder, Roll
 
@@ -96,7 +98,7 @@ class AllInOne(VLModel):
         # text embeddings (BERT-style: word + position, LayerNorm)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, C)
         self.text_pos_embed = nn.Parameter(torch.zeros(cfg.max_text_len, C))
-        self.text_norm = _ops.LayerNorm(C, eps=cfg.eps, backend=backend)
+        self.text_norm = layers.LayerNorm(C, eps=cfg.eps, backend=backend)
         # video embeddings (ViT patch embedding + CLS + positions) and temporal embedding on patches
         self.patch_embed = nn.Conv2d(3, C, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
@@ -107,7 +109,9 @@ class AllInOne(VLModel):
         # heads
         self.pooler = nn.Linear(C, C)
         self.vtm_head = nn.Linear(C, 2)
-        self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), _ops.LayerNorm(C, eps=cfg.eps, backend=backend))
+        self.mlm_transform = nn.Sequential(
+            nn.Linear(C, C), nn.GELU(), layers.LayerNorm(C, eps=cfg.eps, backend=backend)
+        )
         self.mlm_decoder = nn.Linear(C, cfg.vocab_size)
         self.vtc_text_proj = nn.Linear(C, cfg.vtc_dim)
         self.vtc_video_proj = nn.Linear(C, cfg.vtc_dim)
@@ -168,7 +172,7 @@ class AllInOne(VLModel):
 
     def _roll(self, T: int, text_len: int, L: int) -> Roll | None:
         cfg = self.config
-        f = int(L * cfg.roll_fraction + 1e-9)
+        f = rules.roll_count(L, cfg.roll_fraction)
         if cfg.rolling == "none" or T == 1 or f == 0:
             return None
         return Roll(T, text_len, cfg.roll_fraction, cfg.rolling)
@@ -283,7 +287,7 @@ class AllInOne(VLModel):
         if "vtc" in cfg.tasks:
             t, vv = self._vtc_text(ids, mask), self._vtc_video(v)
             scale = torch.tensor(1.0 / cfg.vtc_temperature, device=t.device)
-            losses["vtc"] = _ops.clip_loss(vv, t, scale, backend=self.backend)
+            losses["vtc"] = layers.clip_loss(vv, t, scale, backend=self.backend)
         if "mlm" in cfg.tasks:
             mids, labels = self.mlm_mask(ids, mask, generator)
             y = self.fused(self.embed_text(mids), mask, v)

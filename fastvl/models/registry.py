@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from . import flops as _flops
+from . import flops
 from .allinone import AllInOne
 from .mac import MAC
 from .vatt import VATT
@@ -119,12 +119,12 @@ def _model_stats(name: str) -> dict[str, Any]:
         b = example_batch(m, 1)
         m.eval()
         out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px, {cfg.max_text_len} text tokens"
-        out["flops_fused"] = _flops.count(
+        out["flops_fused"] = flops.count(
             lambda: m.fused(m.embed_text(b["text_ids"]), b["text_mask"], m.embed_video(b["video"]))
         )
         m.train()
         b2 = example_batch(m, 2)
-        out["flops_train_batch2"] = _flops.count(lambda: m(b2))
+        out["flops_train_batch2"] = flops.count(lambda: m(b2))
     elif isinstance(m, VATT):
         bb = {}
         for mod in ("video", "audio", "text"):
@@ -141,19 +141,19 @@ def _model_stats(name: str) -> dict[str, Any]:
         )
         m.eval()
         out["flops_drop"] = {
-            d: _flops.count(lambda d=d: m.backbones_forward(b, keep_rate=1 - d / 100)) for d in (0, 25, 50, 75)
+            d: flops.count(lambda d=d: m.backbones_forward(b, keep_rate=1 - d / 100)) for d in (0, 25, 50, 75)
         }
         m.train()
         b2 = example_batch(m, 2)
-        out["flops_train_batch2"] = _flops.count(lambda: m(b2))
+        out["flops_train_batch2"] = flops.count(lambda: m(b2))
         out["keep_rate"] = cfg.keep_rate
     else:
         b = example_batch(m, 1)
         m.train()
         out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px, {cfg.max_text_len} text tokens"
-        out["flops_masked"] = _flops.count(lambda: m(b))
+        out["flops_masked"] = flops.count(lambda: m(b))
         m.config.video_mask_ratio = m.config.text_mask_ratio = 0.0
-        out["flops_unmasked"] = _flops.count(lambda: m(b))
+        out["flops_unmasked"] = flops.count(lambda: m(b))
         out["params_video"] = sum(
             p.numel() for n, p in m.named_parameters() if n.startswith(("patch_embed", "cls", "pos_", "video_"))
         )
@@ -190,7 +190,7 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
 
     w(f"== model {name} ({s['family']}) ==")
     w(f"  parameters        {s['params']:,}")
-    w(f"  FLOPs convention  {_flops.CONVENTION}; per sample at {s['inputs']}")
+    w(f"  FLOPs convention  {flops.CONVENTION}; per sample at {s['inputs']}")
     if s["family"] == "AllInOne":
         pe = s["params_excl_mlm_decoder"]
         extra = f"  (paper {p['params'] / 1e6:.0f}M: {_pct(pe, p['params'])})" if "params" in p else ""
