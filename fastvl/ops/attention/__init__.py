@@ -74,7 +74,7 @@ def _(dout, q, k, v, *_):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, kpm, shift, cu_q, cu_k, *scalars = inputs  # scalars: max_q, max_k, T, scale, causal, backend
+    q, k, v, kpm, shift, cu_q, cu_k, *scalars = inputs  # max_q, max_k, T, scale, causal, deterministic, backend
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kpm, shift, cu_q, cu_k)
     ctx.scalars = scalars
@@ -84,9 +84,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kpm, shift, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
-        return (None,) * 13
+        return (None,) * (7 + len(ctx.scalars))
     dq, dk, dv = _attn_bwd_op(dout, q, k, v, out, lse, kpm, shift, cu_q, cu_k, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * (4 + len(ctx.scalars))
 
 
 _attn_op.register_autograd(_backward, setup_context=_setup)
@@ -183,7 +183,9 @@ def prepare(
     shift = None  # offsets are taken mod T: with T == 1 nothing moves
     if frame_offsets is not None and T > 1:
         shift = torch.remainder(frame_offsets.long(), T).to(torch.int32)
-    opts = AttentionOptions(key_padding_mask, shift, num_frames=T, scale=scale, causal=causal)
+    opts = AttentionOptions(
+        key_padding_mask, shift, num_frames=T, scale=scale, causal=causal, deterministic=deterministic
+    )
     return AttentionPlan([Request(_attention_call(q, k, v, opts, deterministic), backend)], opts, deterministic)
 
 
@@ -217,8 +219,9 @@ def flash_attention(
     q ``(N, Sq, H, D)``, k/v ``(N, Sk, H, D)`` (fp16/bf16/fp32, any strides) -> ``(N, Sq, H, D)`` in q's
     dtype. ``softmax_scale`` defaults to ``1/sqrt(D)``. ``causal``: bottom-right aligned (flash-attn).
     ``key_padding_mask (N, Sk)`` bool, True = padded key to ignore; rows with no visible key give zeros.
-    ``deterministic``: bitwise-repeatable gradients (fastvl's kernels always are; peers that are not are
-    skipped). ``frame_offsets (S,)`` int with ``num_frames=T``: roll-aware addressing (module docstring).
+    ``deterministic``: bitwise-repeatable gradients (fastvl's Triton backward then computes dQ in a second
+    pass instead of adding it up with fp32 atomics; peers that cannot are skipped). ``frame_offsets (S,)``
+    int with ``num_frames=T``: roll-aware addressing (module docstring).
     fp32 inputs: the Triton kernel's dots are exact fp32 unless ``torch.get_float32_matmul_precision()`` allows
     tf32 (then ~1e-3 relative error, like torch's own tf32 matmuls).
     """
@@ -272,7 +275,7 @@ def prepare_varlen(
     validate.flag(op, "deterministic", deterministic)
     validate.same_device(op, q=q, k=k, v=v)
     scale = _scale(op, softmax_scale, q.shape[-1])
-    opts = AttentionOptions(None, None, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 1, scale, causal)
+    opts = AttentionOptions(None, None, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 1, scale, causal, deterministic)
     return AttentionPlan([Request(_attention_call(q, k, v, opts, deterministic), backend)], opts, deterministic)
 
 

@@ -66,7 +66,7 @@ def attention_triton(q, k, v, opts: AttentionOptions):
 def attention_triton_backward(dout, q, k, v, out, lse, opts: AttentionOptions):
     from fastvl.kernels.attention import attention_backward
 
-    return attention_backward(dout, q, k, v, out, lse, **_kernel_args(opts))
+    return attention_backward(dout, q, k, v, out, lse, deterministic=opts.deterministic, **_kernel_args(opts))
 
 
 # ---- peers: called with their own autograd, outside fastvl's custom op -------------------------

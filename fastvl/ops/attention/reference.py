@@ -18,7 +18,8 @@ from fastvl.rules import compute_dtype
 class AttentionOptions:
     """Everything but q, k, v: ``key_padding_mask (N, Sk)`` bool (True = padded key), ``shift (S,)`` int32 frame
     offsets already taken mod ``num_frames`` (roll-aware addressing), ``cu_seqlens_q/k`` int32 ``(batch + 1,)``
-    and ``max_seqlen_q/k`` (varlen; None and 0 for dense), ``num_frames``, the softmax ``scale`` and ``causal``."""
+    and ``max_seqlen_q/k`` (varlen; None and 0 for dense), ``num_frames``, the softmax ``scale``, ``causal`` and
+    ``deterministic`` (bitwise-repeatable gradients asked for: the Triton backward then runs its dQ pass)."""
 
     key_padding_mask: torch.Tensor | None = None
     shift: torch.Tensor | None = None
@@ -29,6 +30,7 @@ class AttentionOptions:
     num_frames: int = 1
     scale: float = 1.0
     causal: bool = False
+    deterministic: bool = False
 
     @property
     def varlen(self) -> bool:
