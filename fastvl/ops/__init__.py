@@ -3,6 +3,7 @@
 from .attention import flash_attention, flash_attention_varlen, roll_frame_offsets
 from .contrastive import clip_loss, mil_nce_loss, siglip_loss
 from .layer_norm import layer_norm
+from .linear_cross_entropy import linear_cross_entropy
 from .roll import temporal_token_roll
 from .tokens import drop_tokens, gather_tokens, random_masking
 
@@ -13,6 +14,7 @@ __all__ = [
     "flash_attention_varlen",
     "gather_tokens",
     "layer_norm",
+    "linear_cross_entropy",
     "mil_nce_loss",
     "random_masking",
     "roll_frame_offsets",
