@@ -80,6 +80,11 @@ BACKWARD_GPU = Blocks(block_m=128, block_v=64, block_d=64, num_warps=8, num_stag
 # (forward 198 registers, backward 170, no spills; BLOCK_D = 64 spills ~600 bytes).
 FORWARD_FP32 = Blocks(block_m=64, block_v=128, block_d=16, num_warps=8, num_stages=2)
 BACKWARD_FP32 = Blocks(block_m=128, block_v=64, block_d=16, num_warps=8, num_stages=2)
+# The interpreter pays per operation and, in tl.dot (numpy's matmul loop without BLAS), per padded row: by
+# default wide vocabulary tiles (a 30522-word vocabulary in 30) and 16-row blocks (a tiny model's few masked
+# positions); the tests run the GPU tiles above through the interpreter explicitly (gpu_blocks).
+INTERPRETED_FORWARD = Blocks(block_m=16, block_v=1024, block_d=64, num_warps=4, num_stages=1)
+INTERPRETED_BACKWARD = Blocks(block_m=16, block_v=1024, block_d=64, num_warps=4, num_stages=1)
 TARGET_PROGRAMS_INTERPRETED = 4  # small, so the vocabulary and row splits are exercised under the interpreter
 
 
@@ -281,14 +286,20 @@ def _p_scale(dtype: torch.dtype) -> float:
     return 1024.0 if dtype == torch.float16 else 1.0
 
 
+def gpu_blocks(dtype: torch.dtype) -> tuple[Blocks, Blocks]:
+    """(forward, weight-gradient pass) tiles of a CUDA launch for inputs of ``dtype`` (any D: the kernels walk D
+    in BLOCK_D steps)."""
+    return (FORWARD_FP32, BACKWARD_FP32) if _prec(dtype) == "ieee" else (FORWARD_GPU, BACKWARD_GPU)
+
+
 def forward_blocks(dtype: torch.dtype) -> Blocks:
-    """The forward's tiles for inputs of ``dtype`` (any D: the kernels walk D in BLOCK_D steps)."""
-    return FORWARD_FP32 if _prec(dtype) == "ieee" else FORWARD_GPU
+    """The forward's tiles for inputs of ``dtype`` here (GPU tiles, or the interpreter's wide ones)."""
+    return INTERPRETED_FORWARD if INTERPRET else gpu_blocks(dtype)[0]
 
 
 def backward_blocks(dtype: torch.dtype) -> Blocks:
-    """The weight-gradient pass's tiles for inputs of ``dtype``."""
-    return BACKWARD_FP32 if _prec(dtype) == "ieee" else BACKWARD_GPU
+    """The weight-gradient pass's tiles for inputs of ``dtype`` here."""
+    return INTERPRETED_BACKWARD if INTERPRET else gpu_blocks(dtype)[1]
 
 
 def target_programs(device: torch.device) -> int:

@@ -127,7 +127,7 @@ def test_torch_backends(backend, dtype, N, V, D, bias, reduction, smoothing):
 
 # N, V, D not multiples of the blocks; (133, 97): 2 row blocks of 128 and 2 vocabulary tiles of 64 in the
 # weight pass (row splits); (133, 301): 3 row blocks of 64 and 3 vocabulary tiles of 128 in the forward
-# (vocabulary splits). The defaults are the GPU configs (16-bit / fp32 without TF32).
+# (vocabulary splits). With the GPU tiles (16-bit / fp32 without TF32).
 KERNEL_CASES = [
     # N, V, D, bias, reduction, smoothing, ignore_index
     (133, 97, 40, True, "mean", 0.0, -100),
@@ -137,10 +137,19 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The tiles a CUDA launch uses (16-bit / TF32, or fp32 without TF32), run through the interpreter."""
+    from fastvl.kernels import linear_cross_entropy as K
+
+    monkeypatch.setattr(K, "forward_blocks", lambda dtype: K.gpu_blocks(dtype)[0])
+    monkeypatch.setattr(K, "backward_blocks", lambda dtype: K.gpu_blocks(dtype)[1])
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", dtypes_to_test())
 @pytest.mark.parametrize("N,V,D,bias,reduction,smoothing,ignore_index", KERNEL_CASES)
-def test_triton_matches_float64(dtype, N, V, D, bias, reduction, smoothing, ignore_index):
+def test_triton_matches_float64(dtype, N, V, D, bias, reduction, smoothing, ignore_index, gpu_tiles):
     xs, t = draw(N, V, D, bias=bias, ignore_index=ignore_index)
     kw = dict(reduction=reduction, label_smoothing=smoothing, ignore_index=ignore_index)
     check("triton", dtype, xs, t, **kw)
@@ -164,13 +173,13 @@ def test_triton_small_blocks_many_splits(dtype, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["chunked"] + KERNELS)
 @pytest.mark.parametrize("layout", ["rows", "channels"])
-def test_noncontiguous_inputs(backend, layout):
+def test_noncontiguous_inputs(backend, layout, gpu_tiles):
     xs, t = draw(70, 130, 40)
     check(backend, torch.float32, xs, t, layout=layout, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_peaked_rows(backend):
+def test_peaked_rows(backend, gpu_tiles):
     """Logits in the hundreds and rows whose target takes nearly all the mass: the online LSE must not overflow,
     and the gradient p_t - 1 ~ -e^-50 must come from fp32, not from a rounded probability."""
     xs, t = draw(40, 150, 32, scale=30.0, ignored=0.0)
@@ -262,7 +271,7 @@ def _largest(fn) -> int:
 
 
 @pytest.mark.parametrize("backend", ["chunked"] + KERNELS)
-def test_never_materialises_the_logits(backend, monkeypatch):
+def test_never_materialises_the_logits(backend, monkeypatch, gpu_tiles):
     """The chunked backend's largest tensor is one chunk of logits, Triton's the (V, D) weight gradient; the
     reference does hold (N, V)."""
     monkeypatch.setattr(L.chunked, "CHUNK_ELEMS", 1 << 12)
