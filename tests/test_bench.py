@@ -78,12 +78,13 @@ def test_smoke_rows_schema(smoke):
             assert r["config"]["limits"] == "measured"
 
 
-FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "models"}
+FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "linear_cross_entropy", "models"}
 BOUND = {
     "tokens": "memory",
     "layer_norm": "memory",
     "attention": "compute",
     "contrastive": "compute",
+    "linear_cross_entropy": "compute",
     "models": "compute",
 }
 
