@@ -65,10 +65,10 @@ def chunked_below_threshold(call: Call) -> list[str]:
     if call.explicit:
         return []
     N, V = call.params["N"], call.params["V"]
-    if N * V < AUTO_CHUNKED_MIN_ELEMS:
+    if N * V < AUTO_CHUNKED_MIN_ELEMS:  # N may be symbolic under torch.compile: no format spec on it
         return [
-            f"{N}x{V} logits ({N * V * 4 / 2**20:.1f} MiB in fp32) are below auto's chunking threshold of "
-            f"{AUTO_CHUNKED_MIN_ELEMS} logits: one chunk would hold them all, so the reference is as lean"
+            f"{N}x{V} logits are below auto's chunking threshold of {AUTO_CHUNKED_MIN_ELEMS} logits (16 MiB in "
+            "fp32): one chunk would hold them all, so the reference is as lean"
         ]
     return []
 
