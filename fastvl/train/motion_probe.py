@@ -22,7 +22,7 @@ from torch import nn
 
 from fastvl.data.synthetic import SyntheticVideoText
 from fastvl.models import create_model
-from fastvl.train.pretrain import parse_assignments
+from fastvl.train.commands import parse_assignments
 
 
 def _tensors(ds: SyntheticVideoText, target: str) -> tuple[torch.Tensor, torch.Tensor]:
