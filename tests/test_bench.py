@@ -78,7 +78,17 @@ def test_smoke_rows_schema(smoke):
             assert r["config"]["limits"] == "measured"
 
 
-FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "masking", "models", "select", "merge"}
+FAMILIES = {
+    "tokens",
+    "attention",
+    "layer_norm",
+    "contrastive",
+    "linear_cross_entropy",
+    "masking",
+    "models",
+    "select",
+    "merge",
+}
 BOUND = {
     "tokens": "memory",
     "masking": "memory",
@@ -87,6 +97,7 @@ BOUND = {
     "merge": "memory",
     "attention": "compute",
     "contrastive": "compute",
+    "linear_cross_entropy": "compute",
     "models": "compute",
 }
 

@@ -94,7 +94,9 @@ def test_every_example_dispatches_its_op_and_declared_features():
 
 
 @pytest.mark.skipif(not interpret(), reason="the Triton interpreter is not in use here")
-@pytest.mark.parametrize("op", ["flash_attention", "layer_norm", "clip_loss", "mil_nce_loss", "siglip_loss"])
+@pytest.mark.parametrize(
+    "op", ["flash_attention", "layer_norm", "clip_loss", "mil_nce_loss", "siglip_loss", "linear_cross_entropy"]
+)
 def test_triton_declines_bf16_in_the_interpreter(op):
     """The interpreter's bf16 arithmetic is wrong (a CLIP loss of 1.9e11 where the reference gives 3.2): every
     Triton backend that computes in floating point declares so, and refuses bf16 CPU tensors with the reason."""

@@ -252,6 +252,45 @@ def test_vatt_mil_nce_positives():
     assert m.text_to_vt.weight.grad.abs().sum() > 0
 
 
+def _mlm_every_position(m, batch, generator):
+    """All-in-one's MLM loss written the eager way: decoder logits over the vocabulary at every text position."""
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    mids, labels = m.mlm_mask(ids, mask, generator)
+    y = m.fused(m.embed_text(mids), mask, m.embed_video(batch["video"]))
+    logits = m.mlm_decoder(m.mlm_transform(y[:, : ids.shape[1]]))
+    n = (labels != -100).sum().clamp_min(1)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n, int((labels != -100).sum())
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_allinone_mlm_at_masked_positions_equals_every_position(backend):
+    """The MLM head at the masked positions only (linear_cross_entropy, no logits) gives the loss and gradients
+    of the eager head over every text position: float64, tiny model (the decoder is not tied to the word
+    embeddings). The Triton path is held to the reference in test_backends_give_equal_losses_and_gradients."""
+    m = tiny("allinone-tiny", tasks=("mlm",)).double()
+    assert m.mlm_decoder.weight.data_ptr() != m.word_embeddings.weight.data_ptr()
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in make_batch(m, B=4).items()}
+    with fastvl.use_backend({"linear_cross_entropy": backend}):
+        new = m(batch, generator=torch.Generator().manual_seed(3))["mlm"]
+    params = [m.mlm_decoder.weight, m.mlm_decoder.bias, m.mlm_transform[0].weight, m.patch_embed.weight]
+    g_new = torch.autograd.grad(new, params)
+    old, n = _mlm_every_position(m, batch, torch.Generator().manual_seed(3))
+    g_old = torch.autograd.grad(old, params)
+    assert n > 0 and new.dtype == torch.float64
+    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_new, g_old):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_allinone_mlm_without_masked_tokens():
+    """No token masked (mlm_prob 0): the MLM loss is 0, not NaN, and the head's gradients are zeros."""
+    m = tiny("allinone-tiny", tasks=("mlm",), mlm_prob=0.0)
+    out = m(make_batch(m))
+    out["loss"].backward()
+    assert out["mlm"].item() == 0.0
+    assert torch.equal(m.mlm_decoder.weight.grad, torch.zeros_like(m.mlm_decoder.weight))
+
+
 def test_allinone_fused_rolling_equals_explicit():
     m = tiny("allinone-tiny")
     batch = make_batch(m)
@@ -453,8 +492,12 @@ def test_allinone_b_flops():
     per_sample = (
         2 * _encoder_macs(12, S, C, T) + T * N * 768 * C + _encoder_macs(12, Lt, C) + _encoder_macs(12, 197, C, T)
     )
-    per_sample += Lt * (C * C + C * V) + C * C + 2 * C + 2 * C * 512
-    assert s["flops_train_batch2"].total == 2 * (2 * per_sample + 2 * 2 * 512) == 736_270_354_432
+    # MLM head (transform + decoder) at the masked positions only: round(0.15 * 2 * 40) / 2 = 6 per sample (the full
+    # vocabulary at all 40 text positions was 736_270_354_432 in all)
+    K = 6
+    assert s["mlm_head"]["masked_per_sample"] == K and s["mlm_head"]["flops_masked"] == K * 2 * (C * C + C * V)
+    per_sample += K * (C * C + C * V) + C * C + 2 * C + 2 * C * 512
+    assert s["flops_train_batch2"].total == 2 * (2 * per_sample + 2 * 2 * 512) == 733_002_176_512
 
 
 def test_vatt_mbs_droptoken_flops():

@@ -1,5 +1,6 @@
 """The models' one point of contact with fastvl's ops and modules: attention, LayerNorm, the token ops, the roll
-offsets and the contrastive losses all reach the models through this module.
+offsets, the contrastive losses and the vocabulary loss (linear cross-entropy) all reach the models through this
+module.
 
 The contrastive losses are made distributed-aware here: when ``torch.distributed`` is initialised with more
 than one rank they go through ``fastvl.nn.ClipLoss(gather_with_grad=True)`` / ``fastvl.nn.MILNCELoss``, so
@@ -21,6 +22,7 @@ from fastvl.ops import (
     flash_attention,
     gather_tokens,
     layer_norm,
+    linear_cross_entropy,
     random_masking,
     roll_frame_offsets,
     temporal_token_roll,
@@ -34,6 +36,7 @@ __all__ = [
     "flash_attention",
     "gather_tokens",
     "layer_norm",
+    "linear_cross_entropy",
     "mil_nce_loss",
     "random_masking",
     "roll_frame_offsets",

@@ -125,6 +125,16 @@ def _model_stats(name: str) -> dict[str, Any]:
         m.train()
         b2 = example_batch(m, 2)
         out["flops_train_batch2"] = flops.count(lambda: m(b2))
+        # the MLM head (transform Linear + vocabulary decoder, forward) runs at the masked positions only; on the
+        # meta batch of 2 they are round(mlm_prob * 2 * Lt) positions, the expected count (mlm_positions)
+        per_position = 2 * (cfg.dim * cfg.dim + cfg.dim * cfg.vocab_size)
+        masked = round(cfg.mlm_prob * 2 * cfg.max_text_len) / 2
+        out["mlm_head"] = {
+            "masked_per_sample": masked,
+            "text_tokens": cfg.max_text_len,
+            "flops_masked": masked * per_position,
+            "flops_every_position": cfg.max_text_len * per_position,
+        }
     elif isinstance(m, VATT):
         bb = {}
         for mod in ("video", "audio", "text"):
@@ -203,6 +213,12 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
         )
         t = s["flops_train_batch2"]
         w(f"  training forward (MLM + VTM fused passes, 2 unimodal VTC passes) per sample: {_g(t.total / 2)} GFLOPs")
+        h = s["mlm_head"]
+        w(
+            f"  of which the MLM head (transform + vocabulary decoder) at the masked positions only, "
+            f"{h['masked_per_sample']:g} of {h['text_tokens']} text tokens (mlm_prob): {_g(h['flops_masked'])} GFLOPs "
+            f"(at every text position it would be {_g(h['flops_every_position'])})"
+        )
     elif s["family"] == "VATT":
         for mod, n in s["backbone_params"].items():
             size = s["backbone_paper_size"].get(mod)

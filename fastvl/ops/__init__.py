@@ -3,6 +3,7 @@
 from .attention import flash_attention, flash_attention_varlen, roll_frame_offsets
 from .contrastive import clip_loss, mil_nce_loss, siglip_loss
 from .layer_norm import layer_norm
+from .linear_cross_entropy import linear_cross_entropy
 from .masking import masked_patch_loss, restore_tokens, tube_masking
 from .merge import MergeInfo, merge_tokens, unmerge_tokens
 from .roll import temporal_token_roll
@@ -18,6 +19,7 @@ __all__ = [
     "flash_attention_varlen",
     "gather_tokens",
     "layer_norm",
+    "linear_cross_entropy",
     "masked_patch_loss",
     "merge_tokens",
     "mil_nce_loss",
