@@ -34,24 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import col_block, empty, on_tensor_device, row_block, sm_count, use_gpu_configs, warps_for
+from .utils import col_block, draw_key, empty, on_tensor_device, row_block, sm_count, use_gpu_configs, warps_for
 
 TILE = 4096  # elements a program moves per loop step (8 KB of bf16): enough loads in flight per SM
-
-
-@triton.jit
-def _draw_key(seed, noise_ptr, row64, idx, L, s_nr, s_nl, HAS_NOISE: tl.constexpr):
-    m = idx < L
-    idx64 = idx.to(tl.int64)
-    if HAS_NOISE:
-        nz = tl.load(noise_ptr + row64 * s_nr + idx64 * s_nl, mask=m, other=0.0)
-        bits = nz.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        # IEEE-754 bits -> unsigned key in float order (negatives reversed, below the positives)
-        key = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
-    else:
-        r0, r1, r2, r3 = tl.randint4x(seed, row64 * L + idx64)
-        key = (r0.to(tl.int64) & 0xFFFFFFFF) * 256 + (r1.to(tl.int64) & 255)  # 40 random bits
-    return tl.where(m, key * 1048576 + idx64, 0x3FFFFFFFFFFFFFFF)
 
 
 @triton.jit
@@ -74,10 +59,10 @@ def _draw_kernel(
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     im = i < L
     seed = tl.load(seed_ptr)
-    ki = _draw_key(seed, noise_ptr, row64, i, L, s_nr, s_nl, HAS_NOISE)
+    ki = draw_key(seed, noise_ptr, row64, i, L, s_nr, s_nl, HAS_NOISE)
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, L, BLOCK_J):
-        kj = _draw_key(seed, noise_ptr, row64, j0 + tl.arange(0, BLOCK_J), L, s_nr, s_nl, HAS_NOISE)
+        kj = draw_key(seed, noise_ptr, row64, j0 + tl.arange(0, BLOCK_J), L, s_nr, s_nl, HAS_NOISE)
         rank += tl.sum((kj[None, :] < ki[:, None]).to(tl.int32), axis=1)
     i64 = i.to(tl.int64)
     tl.store(inv_ptr + row64 * L + i64, rank.to(tl.int64), mask=im)

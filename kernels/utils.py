@@ -8,6 +8,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from . import INTERPRET
 
@@ -104,3 +105,25 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return H100_SMS
+
+
+@triton.jit
+def draw_key(seed, noise_ptr, row64, idx, n, s_nr, s_nl, HAS_NOISE: tl.constexpr):
+    """The 64-bit sort key of token ``idx`` (a block of int32) of row ``row64`` (int64) out of ``n``: a random
+    or noise key ``<< 20 | idx``, unique thanks to the index bits; ``2**62 - 1`` (after every token) where
+    ``idx >= n``. Ranking tokens by it is ``argsort(noise, stable=True)`` with ``noise (rows, n)`` float32 at
+    strides ``(s_nr, s_nl)``, else a uniform random order from Philox keyed by ``seed`` and (row, token): a
+    pure function of its arguments, so a program recomputes the keys it compares against (no sort). The
+    random key has 40 bits; the index takes 20 (``n < 2**20``)."""
+    m = idx < n
+    idx64 = idx.to(tl.int64)
+    if HAS_NOISE:
+        nz = tl.load(noise_ptr + row64 * s_nr + idx64 * s_nl, mask=m, other=0.0)
+        nz = tl.where(nz == 0.0, 0.0, nz)  # -0.0 ties with +0.0, as in argsort
+        bits = nz.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        # IEEE-754 bits -> unsigned key in float order (negatives reversed, below the positives)
+        key = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+    else:
+        r0, r1, r2, r3 = tl.randint4x(seed, row64 * n + idx64)
+        key = (r0.to(tl.int64) & 0xFFFFFFFF) * 256 + (r1.to(tl.int64) & 255)  # 40 random bits
+    return tl.where(m, key * 1048576 + idx64, 0x3FFFFFFFFFFFFFFF)

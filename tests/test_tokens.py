@@ -230,6 +230,20 @@ def test_random_masking_with_pos_and_negative_noise(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+def test_random_masking_signed_zero_noise_ties(backend):
+    # -0.0 and +0.0 are equal keys: ties broken by token index, as argsort(stable=True) breaks them
+    B, L = 4, 23
+    noise = torch.zeros(B, L, device=DEV)
+    noise[torch.rand(B, L, device=DEV) < 0.5] = -0.0
+    noise[:, ::5] = torch.rand(B, len(range(0, L, 5)), device=DEV) - 0.5
+    assert bool(torch.signbit(noise).any()) and bool((noise == 0).any())
+    x = randn(B, L, 8)
+    vis, mask, ids_restore = fastvl.ops.random_masking(x, 0.6, noise=noise, backend=backend)
+    ev, em, er = mae_random_masking(x, 0.6, noise)
+    assert torch.equal(ids_restore, er) and torch.equal(mask, em) and torch.equal(vis, ev)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_random_masking_strided_noise(backend, layout):
     # the noise tensor's column stride is honoured: a transposed or sliced view orders tokens like its values

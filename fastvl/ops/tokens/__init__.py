@@ -228,12 +228,6 @@ def gather_tokens(
     return _gather_op(x, plan.idx, plan.pos, plan.inv, names[0], names[1] if len(names) > 1 else "")
 
 
-def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gdev = generator.device if generator is not None else device
-    s = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
-    return s.to(device, non_blocking=True)
-
-
 @dataclasses.dataclass
 class DrawPlan(Plan):
     rows: int
@@ -291,7 +285,7 @@ def drop_tokens(
     if not plan.requests:
         return x, torch.arange(plan.L, device=x.device).expand(x.shape[0], plan.L)
     draw_backend, gather_backend, *scatter_backend = plan.choose()
-    seed = _seed(generator, x.device)
+    seed = rules.draw_seed(generator, x.device)
     keep, inv, _ = draw_op(seed, None, plan.rows, plan.L, plan.K, MODE_DROP, x.dtype, x.device, draw_backend)
     kept = _gather_op(x, keep, plan.pos, inv, gather_backend, "".join(scatter_backend), True)
     return kept, keep.expand(x.shape[0], plan.K)
@@ -334,7 +328,11 @@ def random_masking(
     """
     plan = prepare_masking(x, mask_ratio, generator=generator, noise=noise, pos=pos, backend=backend)
     draw_backend, gather_backend, *scatter_backend = plan.choose()
-    seed = _seed(generator, x.device) if plan.noise is None else torch.zeros(1, dtype=torch.int64, device=x.device)
+    seed = (
+        rules.draw_seed(generator, x.device)
+        if plan.noise is None
+        else torch.zeros(1, dtype=torch.int64, device=x.device)
+    )
     keep, ids_restore, mask = draw_op(
         seed, plan.noise, plan.rows, plan.L, plan.K, MODE_MASK, x.dtype, x.device, draw_backend
     )
