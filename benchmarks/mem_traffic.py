@@ -327,6 +327,33 @@ def cases(scale: str = "full") -> list[Case]:
                         x, idx, unique_indices=u, check_bounds=False, backend=T), lambda o: [o],
                         2 * B * K * C * e + B * K * 8, (B * K * C + B * L * C) * e + B * K * 8, sms)  # fmt: skip
 
+    # tube masking (VideoMAE-B: 16 frames in tubelets of 2, T=8 token frames of N=196, one tube, ratio 0.9, clip
+    # positions) and restore_tokens (its decoder input: B*8*19 visible rows of 384 into L = 8*196 places, mask
+    # token and positions). Reported, not bounded, except the restore forward: the tube forward reads a pos row
+    # per kept row (B*T*K of them, more than pos's L rows once B*T*K > L); both backwards write the pos (and
+    # mask token) gradient as fp32 partial rows, summed and cast to the parameter's dtype by PyTorch
+    B, T_, N, C = (64 if full else 2), 8, 196, 768
+    K, L = int(N * 0.1 + 1e-6), T_ * N
+    mf = (2 * B * T_ * K * C + min(B * T_ * K, L) * C) * e + B * L * (e + 8)
+    mb = (B * T_ * K * C + B * L * C + L * C) * e
+    out += _fwd_bwd("tube_masking", f"({B}*{T_}, {N}, {C}) ratio 0.9, tube {T_}, pos",
+                    lambda B=B, T_=T_, N=N, C=C, L=L: (leaf(B * T_, N, C), leaf(L, C)),
+                    lambda x, pos, T_=T_: fastvl.ops.tube_masking(x, T_, 0.9, tube=T_, pos=pos, backend=T),
+                    lambda o: [o[0]], mf, mb, sms, bounded=False)  # fmt: skip
+    Cd, TK = 384, T_ * K
+
+    def make_restore(B=B, L=L, TK=TK, Cd=Cd):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.argsort(torch.argsort(torch.rand(B, L, generator=g), dim=1), dim=1)
+        return leaf(B, TK, Cd), ids, leaf(Cd), leaf(L, Cd)
+
+    m = (B * TK * Cd + B * L * Cd + L * Cd + Cd) * e + B * L * 8
+    restore = _fwd_bwd("restore_tokens", f"({B}, {TK}, {Cd}) -> ({B}, {L}, {Cd}), token, pos", make_restore,
+                       lambda v, i, t, p: fastvl.ops.restore_tokens(v, i, t, p, check_indices=False, backend=T),
+                       lambda o: [o], m, m, sms)  # fmt: skip
+    restore[1].bounded = False
+    out += restore
+
     # LayerNorm with the residual add: rows = 96 * 237 (All-in-one-B), C = 768 and 8192; fp32 weight and bias;
     # C = 16384 (the widest the kernels take, two passes over the row in the backward: not bounded) on 2048 rows
     for C in (768, 8192, 16384):

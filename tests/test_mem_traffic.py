@@ -1,5 +1,5 @@
-"""Memory-bound op calls (roll, gather and its backward, DropToken / masking with pos, LayerNorm) move at most
-1.15x their minimum bytes, counting every launch and every PyTorch op of the call.
+"""Memory-bound op calls (roll, gather and its backward, DropToken / masking with pos, LayerNorm, the MAE decoder
+input's forward) move at most 1.15x their minimum bytes, counting every launch and every PyTorch op of the call.
 
 Bytes are counted lane by lane from the Triton interpreter's loads, stores and atomics with the launchers'
 GPU configurations (benchmarks/mem_traffic.py), at the suite's widths with fewer rows; a repeated read counts
