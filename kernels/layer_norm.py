@@ -84,72 +84,6 @@ def _ln_fwd(
 
 
 @triton.jit
-def _ln_bwd(
-    DY,
-    DH,
-    X,
-    W,
-    MEAN,
-    RSTD,
-    DX,
-    DW_PART,
-    DB_PART,
-    M,
-    C,
-    rows_per_prog,
-    sdym,
-    sdyc,
-    sdhm,
-    sdhc,
-    sxm,
-    sxc,
-    sdxm,
-    HAS_DH: tl.constexpr,
-    HAS_W: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    NEED_DB: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    g = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    c_mask = cols < C
-    if HAS_W:
-        w = tl.load(W + cols, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(c_mask, 1.0, 0.0)
-    dw_acc = tl.zeros([BLOCK_C], tl.float32)  # 1-D: a step's column sum stays in the threads owning the column
-    db_acc = tl.zeros([BLOCK_C], tl.float32)
-    row0 = g * rows_per_prog
-    row_end = tl.minimum(row0 + rows_per_prog, M)
-    for r in range(row0, row_end, BLOCK_R):
-        rows = r + tl.arange(0, BLOCK_R)
-        r_mask = rows < row_end
-        mask = r_mask[:, None] & c_mask[None, :]
-        r64 = rows.to(tl.int64)
-        x = tl.load(X + r64[:, None] * sxm + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r64[:, None] * sdym + cols[None, :] * sdyc, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = dy * w[None, :]
-        c1 = tl.sum(xhat * wdy, 1) / C
-        c2 = tl.sum(wdy, 1) / C
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if HAS_DH:
-            dx += tl.load(DH + r64[:, None] * sdhm + cols[None, :] * sdhc, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + r64[:, None] * sdxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if NEED_DW:
-            dw_acc += tl.sum(dy * xhat, 0)
-        if NEED_DB:
-            db_acc += tl.sum(dy, 0)
-    if NEED_DW:
-        tl.store(DW_PART + g * C + cols, dw_acc, mask=c_mask)
-    if NEED_DB:
-        tl.store(DB_PART + g * C + cols, db_acc, mask=c_mask)
-
-
-@triton.jit
 def _ln_bwd_stats(
     DY,
     X,
@@ -191,7 +125,7 @@ def _ln_bwd_stats(
 
 
 @triton.jit
-def _ln_bwd_chunked(
+def _ln_bwd(
     DY,
     DH,
     X,
@@ -218,8 +152,11 @@ def _ln_bwd_chunked(
     NEED_DB: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_STATS: tl.constexpr = False,
 ):
-    """Wide rows, pass 2: programs over (row block, column chunk); dx of the tile, dW/dB partials of the chunk."""
+    """Programs over (row group, column chunk): dx of each tile, the group's dW/dB partial rows of the chunk.
+    dx = (w*dy - (xhat * c1 + c2)) * rstd with c1 = mean(xhat * w*dy), c2 = mean(w*dy) over the row: from the
+    tile when it holds whole rows (one chunk), else from STATS (:func:`_ln_bwd_stats`, rows wider than a chunk)."""
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
@@ -227,7 +164,7 @@ def _ln_bwd_chunked(
         w = tl.load(W + cols, mask=c_mask, other=0.0).to(tl.float32)
     else:
         w = tl.where(c_mask, 1.0, 0.0)
-    dw_acc = tl.zeros([BLOCK_C], tl.float32)
+    dw_acc = tl.zeros([BLOCK_C], tl.float32)  # 1-D: a step's column sum stays in the threads owning the column
     db_acc = tl.zeros([BLOCK_C], tl.float32)
     row0 = g * rows_per_prog
     row_end = tl.minimum(row0 + rows_per_prog, M)
@@ -240,10 +177,15 @@ def _ln_bwd_chunked(
         dy = tl.load(DY + r64[:, None] * sdym + cols[None, :] * sdyc, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-        c1 = tl.load(STATS + r64 * 2, mask=r_mask, other=0.0)
-        c2 = tl.load(STATS + r64 * 2 + 1, mask=r_mask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dx = (dy * w[None, :] - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        wdy = dy * w[None, :]
+        if HAS_STATS:
+            c1 = tl.load(STATS + r64 * 2, mask=r_mask, other=0.0)
+            c2 = tl.load(STATS + r64 * 2 + 1, mask=r_mask, other=0.0)
+        else:
+            c1 = tl.sum(xhat * wdy, 1) / C
+            c2 = tl.sum(wdy, 1) / C
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DH:
             dx += tl.load(DH + r64[:, None] * sdhm + cols[None, :] * sdhc, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64[:, None] * sdxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -363,21 +305,17 @@ def layer_norm_backward(
         strides = (dy.stride(0), dy.stride(1), dh_.stride(0) if dh is not None else 0,
                    dh_.stride(1) if dh is not None else 0, x.stride(0), x.stride(1), dx.stride(0))  # fmt: skip
         flags = dict(HAS_DH=dh is not None, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db)
+        stats = None
         if wide:
             stats = empty((M, 2), torch.float32, x.device)
             _ln_bwd_stats[(triton.cdiv(M, BLOCK_R),)](
                 dy, x, w, mean, rstd, stats, M, C, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
                 HAS_W=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
             )  # fmt: skip
-            _ln_bwd_chunked[(G, chunks)](
-                dy, dh_, x, w, mean, rstd, stats, dx, *parts, M, C, rows_per_prog, *strides,
-                **flags, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
-            )  # fmt: skip
-        else:
-            _ln_bwd[(G,)](
-                dy, dh_, x, w, mean, rstd, dx, *parts, M, C, rows_per_prog, *strides,
-                **flags, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
-            )  # fmt: skip
+        _ln_bwd[(G, chunks)](
+            dy, dh_, x, w, mean, rstd, stats if stats is not None else mean, dx, *parts, M, C, rows_per_prog,
+            *strides, HAS_STATS=wide, **flags, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps,
+        )  # fmt: skip
     outs = []
     for part in (dw_part, db_part):
         if part is None:
