@@ -176,6 +176,11 @@ def _aten_bytes(func, args, kwargs, out) -> tuple[int, int]:
     return read, written
 
 
+def _same_but_device(t: torch.Tensor, kwargs: dict) -> bool:
+    dtype = kwargs.get("dtype")
+    return (dtype is None or dtype == t.dtype) and kwargs.get("memory_format") in (None, torch.preserve_format)
+
+
 class _GpuViewMode(TorchDispatchMode):
     """Sends factories asked for on ``cuda`` to the CPU; meters aten ops; runs custom ops' bodies under itself."""
 
@@ -186,7 +191,9 @@ class _GpuViewMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        moved = False
         if "device" in kwargs:
+            moved = _cpu_device(kwargs["device"]) is not kwargs["device"]
             kwargs["device"] = _cpu_device(kwargs["device"])
         args = tree_map(_cpu_device, args)
         if func.namespace not in ("aten", "prim", "prims"):  # a custom op: run its body with this mode on
@@ -194,6 +201,8 @@ class _GpuViewMode(TorchDispatchMode):
                 keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
                 return func.redispatch(keys, *args, **kwargs)
         out = func(*args, **kwargs)
+        if moved and func is torch.ops.aten._to_copy.default and _same_but_device(args[0], kwargs):
+            return out  # ``.to("cuda")`` of what the GPU view shows on cuda already: a GPU makes no copy
         if self.meter is not None and not self.paused:
             r, w = _aten_bytes(func, args, kwargs, out)
             if r or w:

@@ -47,9 +47,9 @@ def occupancy(regs: int, smem: int, warps: int) -> dict[str, Any]:
     alloc = math.ceil((smem + SMEM_RESERVED) / SMEM_UNIT) * SMEM_UNIT
     by_smem = SMEM_PER_SM // alloc
     by_warps = WARPS_PER_SM // warps
-    limits = {"registers": by_regs, "shared memory": by_smem, "warps": by_warps, "blocks": BLOCKS_PER_SM}
+    limits = {"warps": by_warps, "blocks": BLOCKS_PER_SM, "shared memory": by_smem, "registers": by_regs}
     blocks = min(limits.values())
-    limit = min(limits, key=lambda k: (limits[k], k != "blocks"))
+    limit = next(k for k, v in limits.items() if v == blocks)  # a tie names the hardware limit first
     return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps, "limit": limit}
 
 
