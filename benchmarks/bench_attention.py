@@ -1,16 +1,16 @@
 """Attention: forward, backward and forward+backward, TFLOP/s (and % of the matmul peak) and GB/s.
 
 The ``attention`` family of the suite (compute-bound: % of limit is of the matmul peak). Providers: ``eager``
-(``softmax(q k^T * scale) v``, what the VidL codebases run), the peers ``compile`` (torch.compile of eager),
-torch SDPA with each fused backend pinned (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``; on the CPU
-``sdpa``, torch's own choice) and ``flash_attn`` when installed, and fastvl: ``fastvl`` (auto dispatch:
-it hands plain bf16 calls to flash_attn / SDPA, masked ones to its kernel) and ``fastvl-triton`` (fastvl's
-kernel named) on a GPU; on the CPU ``fastvl`` is the fp32 reference. Cases marked ``padded`` carry a key
-padding mask (All-in-one's padded text tokens): SDPA then leaves its flash kernel. Shapes: the VidL models
-(All-in-one-B: B*T=96 x 12 heads x 237 tokens x 64, also text-padded; VATT-M with DropToken: 64 x 16 x 785 x 64;
-MAC: 64 x 12 x 197 x 64), the VidL lengths 197-1569 at H=12 and D in {64, 128}, and a long-sequence sweep
-512..16k (16k tokens per batch). FLOPs count 4*B*H*S^2*D forward (half when causal) and 2.5x that backward,
-like torch's FlopCounter for fused SDPA.
+(``softmax(q k^T * scale) v``, what the VidL codebases run), the peers ``compile`` (torch.compile of eager), torch
+SDPA with each fused backend pinned (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``; on the CPU ``sdpa``, torch's
+own choice) and ``flash_attn`` when installed, and fastvl: ``fastvl`` (auto dispatch: it hands plain bf16 calls to
+flash_attn / SDPA, masked ones to its kernel), ``fastvl-triton`` (fastvl's kernel named) and ``fastvl-triton-det``
+(its deterministic backward) on a GPU; on the CPU ``fastvl`` is the fp32 reference. Cases marked ``padded`` carry a
+key padding mask (All-in-one's padded text tokens): SDPA then leaves its flash kernel. Shapes: the VidL models
+(All-in-one-B: B*T=96 x 12 heads x 237 tokens x 64, also text-padded; VATT-M with DropToken: 64 x 16 x 785 x 64; MAC:
+64 x 12 x 197 x 64), the VidL lengths 197-1569 at H=12 and D in {64, 128}, and a long-sequence sweep 512..16k (16k
+tokens per batch). FLOPs count 4*B*H*S^2*D forward (half when causal) and 2.5x that backward, like torch's FlopCounter
+for fused SDPA.
 bf16 on a GPU; ``--quick`` runs small fp32 shapes on the CPU (a CPU run: never a GPU claim).
 
     python -m benchmarks.bench_attention [--quick] [--sweep] [--out results.json]
@@ -101,6 +101,12 @@ def providers(causal: bool, kpm: torch.Tensor | None = None) -> dict[str, tuple[
         p["fastvl-triton"] = (
             "bshd",
             lambda q, k, v: fastvl.ops.flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, backend="triton"),
+        )
+        p["fastvl-triton-det"] = (  # the deterministic backward: a dQ pass instead of fp32 atomics
+            "bshd",
+            lambda q, k, v: fastvl.ops.flash_attention(
+                q, k, v, causal=causal, key_padding_mask=kpm, deterministic=True, backend="triton"
+            ),
         )
     else:
         p["sdpa"] = ("bhsd", _sdpa(None, causal, kpm))

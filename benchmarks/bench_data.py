@@ -1,4 +1,5 @@
-"""Data pipeline throughput on one core: synthetic generation, mp4 decoding, shard streaming, batches.
+"""Data pipeline throughput on one core: synthetic generation, mp4 decoding (PyAV and torchcodec side by side),
+shard streaming, batches.
 
 Each case times a fixed amount of work (N clips, or N batches) and reports ms per clip and clips/s. Work runs
 in this process with ``torch.set_num_threads(1)`` (a DataLoader worker's setting), so the figures are per
@@ -30,6 +31,7 @@ from fastvl.data import (
     write_shards,
     write_videos,
 )
+from fastvl.data.decode import DECODERS, unavailable_reason
 
 try:
     from .common import environment, measure_time, row, write_rows
@@ -49,25 +51,40 @@ def cases(tmp: str, quick: bool):
     m = 8 if quick else 32
     src = SyntheticVideoText("train", num_clips=m, frames=8, size=64, fps=8.0, audio=True)
     manifest = write_videos([src], os.path.join(tmp, "mp4"))
-    for train in (False, True):
-        ds = VideoDataset(manifest, num_frames=3, size=32, audio=True, train=train)
-        yield (
-            "video.decode",
-            {"file": "8f@64px h264+aac", "T": 3, "size": 32, "train": train},
-            m,
-            (lambda ds=ds: [ds[i] for i in range(m)]),
-        )
+    for decoder in DECODERS:
+        why = unavailable_reason(decoder)
+        if why:
+            print(f"video.decode with {decoder}: not measured, {why}")
+            continue
+        for train in (False, True):
+            for audio in (False, True):
+                ds = VideoDataset(manifest, num_frames=3, size=32, audio=audio, train=train, decoder=decoder)
+                yield (
+                    "video.decode",
+                    {
+                        "decoder": decoder,
+                        "file": "8f@64px h264+aac",
+                        "T": 3,
+                        "size": 32,
+                        "train": train,
+                        "audio": audio,
+                    },
+                    m,
+                    (lambda ds=ds: [ds[i] for i in range(m)]),
+                )
     paths = write_shards(manifest, os.path.join(tmp, "shards", "{000..099}.tar"), 8)
     sh = ShardDataset(compact_pattern(paths), num_frames=3, size=32, audio=True, train=True)
-    yield "shards.stream", {"shards": len(paths), "T": 3, "size": 32, "train": True}, m, lambda: list(sh)
+    cfg = {"decoder": sh.decoder, "shards": len(paths), "T": 3, "size": 32, "train": True}
+    yield "shards.stream", cfg, m, lambda: list(sh)
 
     tok = Tokenizer.train(small.captions(), vocab_size=500)
-    loader = build_loader(small, 32, train=True, tokenizer=tok, num_workers=0)
+    batch = min(32, n)
+    loader = build_loader(small, batch, train=True, tokenizer=tok, num_workers=0)
     nb = len(loader)
     yield (
         "loader.synthetic",
-        {"batch": 32, "frames": 3, "size": 32, "audio": True, "P": 4},
-        nb * 32,
+        {"batch": batch, "frames": 3, "size": 32, "audio": True, "P": 4},
+        nb * batch,
         (lambda: list(loader)),
     )
 
@@ -81,7 +98,7 @@ def main(argv=None) -> int:
     env = environment()
     rows = []
     print(f"device: {env['device']} (1 thread; {'CPU figures' if env['device_kind'] == 'cpu' else 'host side'})")
-    print(f"{'case':<18} {'config':<58} {'ms/clip':>9} {'clips/s':>9}")
+    print(f"{'case':<18} {'config':<78} {'ms/clip':>9} {'clips/s':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg, clips, fn in cases(tmp, args.quick):
             st = measure_time(fn, warmup=1, rounds=3)
@@ -89,7 +106,7 @@ def main(argv=None) -> int:
             cfg = {**cfg, "clips_per_call": clips, "clips_per_s": 1e3 / per}
             rows.append(row(name, "fastvl", "fwd", "time_ms", "clips", clips, st, cfg, env))
             shown = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("clips_per_call", "clips_per_s"))
-            print(f"{name:<18} {shown:<58} {per:>9.3f} {1e3 / per:>9.0f}")
+            print(f"{name:<18} {shown:<78} {per:>9.3f} {1e3 / per:>9.0f}")
     if args.out:
         write_rows(rows, args.out)
         print(f"wrote {args.out}")

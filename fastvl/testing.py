@@ -1,15 +1,15 @@
 """Test helpers shared by fastvl's tests: devices, kernel backends to exercise, inputs, tolerances.
 
-Tolerance rules (design.md 4): a kernel result in dtype ``d`` is compared with the float64 reference;
-it passes if its error is within the per-dtype tolerance, or within 2x the error of PyTorch's own
-computation in ``d`` against the same float64 reference (flash-attn's rule) when that is given.
+Tolerance rules (docs/architecture.md, "Correctness"): a kernel result in dtype ``d`` is compared with the
+float64 reference; it passes if its error is within the per-dtype tolerance, or within 2x the error of
+PyTorch's own computation in ``d`` against the same float64 reference (flash-attn's rule) when that is given.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from fastvl import env
 
 # per-dtype (rtol, atol) against a float64 reference
 TOL = {
@@ -25,7 +25,8 @@ def device() -> torch.device:
 
 
 def interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run in the CPU interpreter (:func:`fastvl.env.triton_interpret`)."""
+    return env.triton_interpret()
 
 
 def kernel_backends(*names: str) -> list[str]:

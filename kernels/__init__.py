@@ -5,6 +5,6 @@ decorates its kernels, and Triton decides *then* whether they run compiled or in
 interpreter (TRITON_INTERPRET=1), so fastvl imports these modules lazily, on first use.
 """
 
-import os
+from fastvl.env import triton_interpret_requested
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+INTERPRET = triton_interpret_requested()

@@ -5,9 +5,20 @@ Layouts: fixed length q ``(N, Sq, H, D)``, k/v ``(N, Sk, H, D)``; varlen ``(tota
 
 Forward: online softmax in base 2 (``log2(e)`` folded into the scale), fp32 accumulators, the row
 log-sum-exp (base 2, ``+inf`` for a row with no visible key) saved for the backward, so the S x S
-matrix is never stored. Backward: ``delta = rowsum(dO * O)``, then one kernel per key block (dK, dV,
-looping over query blocks) and one per query block (dQ, looping over key blocks): no atomics, so the
-gradients are bitwise reproducible.
+matrix is never stored.
+
+Backward: ``delta = rowsum(dO * O)`` first (that kernel also zeroes the fp32 dQ accumulator), then one
+program per key block that loops over the query blocks seeing it: it keeps dK, dV in registers and adds
+each query block's share of dQ into the fp32 accumulator with atomics, so q, k, v and dO are read once.
+Atomics make dQ's summation order vary from run to run; ``deterministic=True`` instead runs that kernel
+without dQ and a second kernel per query block that loops over the key blocks for dQ (no atomics: bitwise
+repeatable, at the cost of reading q, k, v and dO a second time).
+
+The head dim is a compile-time constant (``HEAD_DIM``) padded to ``BLOCK_D``, a power of two; when they are
+equal (D in {16, 32, 64, 128}) tiles load with no mask along D: with unit stride along D, row strides that are
+multiples of 16 and 16-byte aligned pointers (which Triton specialises on), each tile row is one run of
+16-byte vectors, loaded with cp.async in the loops and pipelined over ``num_stages``. Other D stay correct
+through the mask, with narrower loads.
 
 Causal masking is bottom-right aligned like flash-attn: query i sees key j iff ``j <= i + Sk - Sq``.
 Roll-aware addressing (All-in-one): with ``SHIFT (S,)`` in ``[0, T)``, sequence ``n = b*T + t`` reads
@@ -16,91 +27,126 @@ slot s from batch row ``b*T + (t + SHIFT[s]) % T`` and writes its output (and gr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .utils import empty
+from .utils import empty, on_tensor_device
 
 LOG2E = 1.4426950408889634
+
+
+# ---- shared device helpers ----------------------------------------------------------------------
+
+
+@triton.jit
+def _sequence(H, CU_Q, CU_K, Sq, Sk, VARLEN: tl.constexpr):
+    """This program's (sequence n, head h, first q row, q length, first k row, k length, first LSE row)."""
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    if VARLEN:
+        q0 = tl.load(CU_Q + n)
+        len_q = tl.load(CU_Q + n + 1) - q0
+        k0 = tl.load(CU_K + n)
+        len_k = tl.load(CU_K + n + 1) - k0
+        lrow0 = q0
+    else:
+        q0 = 0
+        len_q = Sq
+        k0 = 0
+        len_k = Sk
+        lrow0 = n * Sq
+    return n, h, q0, len_q, k0, len_k, lrow0
 
 
 @triton.jit
 def _batch_rows(n, offs, mask, SHIFT, T, ROLL: tl.constexpr):
     """Batch index (int64) of the physical row each slot of sequence ``n`` reads."""
     if ROLL:
-        sh = tl.load(SHIFT + offs, mask=mask, other=0)
         t = n % T
-        return (n - t + (t + sh) % T).to(tl.int64)
+        frame = t + tl.load(SHIFT + offs, mask=mask, other=0)  # in [0, 2T): SHIFT is in [0, T)
+        frame = tl.where(frame >= T, frame - T, frame)
+        return (n - t + frame).to(tl.int64)
     else:
         return tl.zeros_like(offs).to(tl.int64) + n
 
 
 @triton.jit
-def _seq_bounds(CU_Q, CU_K, n, Sq, Sk, VARLEN: tl.constexpr):
-    """(first q row, q length, first k row, k length, first logical row of the LSE) of sequence n."""
-    if VARLEN:
-        q0 = tl.load(CU_Q + n)
-        len_q = tl.load(CU_Q + n + 1) - q0
-        k0 = tl.load(CU_K + n)
-        len_k = tl.load(CU_K + n + 1) - k0
-        return q0, len_q, k0, len_k, q0
+def _rows(nb, row0, offs, sn, ss):
+    """Element offset (int64) of each row: batch row ``nb``, sequence row ``row0 + offs``."""
+    return nb * sn + (row0 + offs).to(tl.int64) * ss
+
+
+@triton.jit
+def _load_tile(ptr, rows, offs_d, sd, row_mask, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A ``(rows, BLOCK_D)`` tile; zeros outside the rows in ``row_mask`` (when MASK_ROWS) and past HEAD_DIM.
+    With ``BLOCK_D == HEAD_DIM`` and no row mask the load has no mask at all."""
+    ptrs = ptr + rows[:, None] + offs_d[None, :] * sd
+    if offs_d.shape[0] == HEAD_DIM:
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs)
     else:
-        return 0, Sq, 0, Sk, n * Sq
+        d_mask = offs_d < HEAD_DIM
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _tile_mask(offs_d, row_mask, HEAD_DIM: tl.constexpr):
+    """``(rows, BLOCK_D)`` store / atomic mask: the rows in ``row_mask``, the columns below HEAD_DIM."""
+    if offs_d.shape[0] == HEAD_DIM:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return mask
+
+
+@triton.jit
+def _store_tile(ptr, rows, offs_d, sd, row_mask, value, HEAD_DIM: tl.constexpr):
+    ptrs = ptr + rows[:, None] + offs_d[None, :] * sd
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=_tile_mask(offs_d, row_mask, HEAD_DIM))
+
+
+@triton.jit
+def _key_visible(offs_n, n_mask, nb, KPM, smn, sms, HAS_KPM: tl.constexpr):
+    """(BLOCK_N,) bool: key in range and not padded."""
+    ok = n_mask
+    if HAS_KPM:
+        pad = tl.load(KPM + nb * smn + offs_n * sms, mask=n_mask, other=1)
+        ok = ok & (pad == 0)
+    return ok
+
+
+# ---- forward ----------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _fwd_block(
-    acc,
-    l_i,
-    m_i,
-    q,
-    K,
-    V,
-    KPM,
-    SHIFT,
-    n,
-    T,
-    k0,
-    len_k,
-    start_n,
-    offs_m_diag,
-    offs_d,
-    d_mask,
-    skn,
-    sks,
-    skd,
-    svn,
-    svs,
-    svd,
-    smn,
-    sms,
-    qk_scale,
-    MASKED: tl.constexpr,
-    ROLL: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    acc, l_i, m_i, q, K, V, KPM, SHIFT, n, T, k0, len_k, start_n, offs_m_diag, offs_d,
+    skn, sks, skd, svn, svs, svd, smn, sms, qk_scale,
+    MASKED: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax. MASKED: the block may hold keys past the end or, with CAUSAL,
+    keys some rows must not see (blocks before it need neither check)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = offs_n < len_k
     nb = _batch_rows(n, offs_n, n_mask, SHIFT, T, ROLL)
-    k_rows = nb * skn + (k0 + offs_n).to(tl.int64) * sks
-    v_rows = nb * svn + (k0 + offs_n).to(tl.int64) * svs
+    k = _load_tile(K, _rows(nb, k0, offs_n, skn, sks), offs_d, skd, n_mask, MASKED, HEAD_DIM)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        kt = tl.load(K + k_rows[None, :] + offs_d[:, None] * skd, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-    else:
-        kt = tl.load(K + k_rows[None, :] + offs_d[:, None] * skd, mask=d_mask[:, None], other=0.0)
-    qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-    if MASKED:
-        keep = n_mask[None, :]
+        keep = _key_visible(offs_n, n_mask, nb, KPM, smn, sms, HAS_KPM)[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m_diag[:, None])
-        if HAS_KPM:
-            pad = tl.load(KPM + nb * smn + offs_n * sms, mask=n_mask, other=1)
-            keep = keep & (pad == 0)[None, :]
         qk = tl.where(keep, qk, float("-inf"))
     elif HAS_KPM:
         pad = tl.load(KPM + nb * smn + offs_n * sms)
@@ -111,80 +157,31 @@ def _fwd_block(
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        v = tl.load(V + v_rows[:, None] + offs_d[None, :] * svd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    else:
-        v = tl.load(V + v_rows[:, None] + offs_d[None, :] * svd, mask=d_mask[None, :], other=0.0)
+    v = _load_tile(V, _rows(nb, k0, offs_n, svn, svs), offs_d, svd, n_mask, MASKED, HEAD_DIM)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_new
 
 
-_SIZES = ["H", "T", "Sq", "Sk", "D", "S_BUCKET"]
+_SIZES = ["H", "T", "Sq", "Sk", "S_BUCKET"]
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _attn_fwd(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    KPM,
-    SHIFT,
-    CU_Q,
-    CU_K,
-    sqn,
-    sqs,
-    sqh,
-    sqd,
-    skn,
-    sks,
-    skh,
-    skd,
-    svn,
-    svs,
-    svh,
-    svd,
-    son,
-    sos,
-    soh,
-    sod,
-    smn,
-    sms,
-    slh,
-    H,
-    T,
-    Sq,
-    Sk,
-    D,
-    qk_scale,
+    Q, K, V, O, LSE, KPM, SHIFT, CU_Q, CU_K,
+    sqn, sqs, sqh, sqd, skn, sks, skh, skd, svn, svs, svh, svd, son, sos, soh, sod, smn, sms, slh,
+    H, T, Sq, Sk, qk_scale,
     S_BUCKET,  # autotune key only
-    VARLEN: tl.constexpr,
-    ROLL: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    q0, len_q, k0, len_k, lrow0 = _seq_bounds(CU_Q, CU_K, n, Sq, Sk, VARLEN)
-    start_m = pid_m * BLOCK_M
+):  # fmt: skip
+    n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_K, Sq, Sk, VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < len_q
-    d_mask = offs_d < D
     nb_q = _batch_rows(n, offs_m, m_mask, SHIFT, T, ROLL)
-    q_rows = nb_q * sqn + (q0 + offs_m).to(tl.int64) * sqs
-    q = tl.load(
-        Q + h.to(tl.int64) * sqh + q_rows[:, None] + offs_d[None, :] * sqd,
-        mask=m_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    q = _load_tile(Q + h.to(tl.int64) * sqh, _rows(nb_q, q0, offs_m, sqn, sqs), offs_d, sqd, m_mask, True, HEAD_DIM)
     diag = len_k - len_q  # bottom-right causal alignment
     offs_m_diag = offs_m + diag
     # key blocks [0, full) need no bounds/causal mask; [full, hi) do
@@ -203,158 +200,91 @@ def _attn_fwd(
     V_h = V + h.to(tl.int64) * svh
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K_h, V_h, KPM, SHIFT, n, T, k0, len_k, start_n, offs_m_diag, offs_d, d_mask,
+            acc, l_i, m_i, q, K_h, V_h, KPM, SHIFT, n, T, k0, len_k, start_n, offs_m_diag, offs_d,
             skn, sks, skd, svn, svs, svd, smn, sms, qk_scale,
-            False, ROLL, HAS_KPM, CAUSAL, BLOCK_N, PRECISION,
+            False, ROLL, HAS_KPM, CAUSAL, BLOCK_N, HEAD_DIM, PRECISION,
         )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K_h, V_h, KPM, SHIFT, n, T, k0, len_k, start_n, offs_m_diag, offs_d, d_mask,
+            acc, l_i, m_i, q, K_h, V_h, KPM, SHIFT, n, T, k0, len_k, start_n, offs_m_diag, offs_d,
             skn, sks, skd, svn, svs, svd, smn, sms, qk_scale,
-            True, ROLL, HAS_KPM, CAUSAL, BLOCK_N, PRECISION,
+            True, ROLL, HAS_KPM, CAUSAL, BLOCK_N, HEAD_DIM, PRECISION,
         )  # fmt: skip
     empty_row = l_i == 0.0  # no visible key: output 0, LSE +inf (so the backward sees p = 0)
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("inf"), m_i + tl.log2(l_safe))
-    o_rows = nb_q * son + (q0 + offs_m).to(tl.int64) * sos
-    tl.store(
-        O + h.to(tl.int64) * soh + o_rows[:, None] + offs_d[None, :] * sod,
-        out.to(O.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
+    _store_tile(O + h.to(tl.int64) * soh, _rows(nb_q, q0, offs_m, son, sos), offs_d, sod, m_mask, out, HEAD_DIM)
     tl.store(LSE + h.to(tl.int64) * slh + lrow0 + offs_m, lse, mask=m_mask)
 
 
-@triton.jit(do_not_specialize=["H", "T", "Sq", "D"])
+# ---- backward -----------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["H", "T", "Sq"])
 def _attn_bwd_pre(
-    O,
-    DO,
-    DELTA,
-    SHIFT,
-    CU_Q,
-    son,
-    sos,
-    soh,
-    sod,
-    sdn,
-    sds,
-    sdh,
-    sdd,
-    slh,
-    H,
-    T,
-    Sq,
-    D,
-    VARLEN: tl.constexpr,
-    ROLL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """delta[h, row] = sum_d dO * O (fp32), at the logical rows of the LSE."""
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    q0, len_q, k0, len_k, lrow0 = _seq_bounds(CU_Q, CU_Q, n, Sq, Sq, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    O, DO, DELTA, DQ_ACC, SHIFT, CU_Q,
+    son, sos, soh, sod, sdn, sds, sdh, sdd, san, sas, sah, sad, slh,
+    H, T, Sq,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, ZERO_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta[h, row] = sum_d dO * O (fp32), at the logical rows of the LSE; ZERO_DQ: dq_acc[rows] = 0."""
+    n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_Q, Sq, Sq, VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < len_q
-    mask = m_mask[:, None] & (offs_d < D)[None, :]
     nb = _batch_rows(n, offs_m, m_mask, SHIFT, T, ROLL)
-    rows = (q0 + offs_m).to(tl.int64)
-    o = tl.load(
-        O + h.to(tl.int64) * soh + (nb * son + rows * sos)[:, None] + offs_d[None, :] * sod, mask=mask, other=0.0
-    )
-    do = tl.load(
-        DO + h.to(tl.int64) * sdh + (nb * sdn + rows * sds)[:, None] + offs_d[None, :] * sdd, mask=mask, other=0.0
-    )
+    hh = h.to(tl.int64)
+    o = _load_tile(O + hh * soh, _rows(nb, q0, offs_m, son, sos), offs_d, sod, m_mask, True, HEAD_DIM)
+    do = _load_tile(DO + hh * sdh, _rows(nb, q0, offs_m, sdn, sds), offs_d, sdd, m_mask, True, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h.to(tl.int64) * slh + lrow0 + offs_m, delta, mask=m_mask)
+    tl.store(DELTA + hh * slh + lrow0 + offs_m, delta, mask=m_mask)
+    if ZERO_DQ:
+        zero = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        _store_tile(DQ_ACC + hh * sah, _rows(nb, q0, offs_m, san, sas), offs_d, sad, m_mask, zero, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["H", "Sq"])
+def _attn_bwd_dq_cast(
+    DQ_ACC, DQ, CU_Q, san, sas, sah, sad, sqn, sqs, sqh, sqd, H, Sq,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dq = dq_acc in dq's dtype, row by row (physical rows: the roll does not matter here)."""
+    n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_Q, Sq, Sq, VARLEN)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    nb = tl.zeros_like(offs_m).to(tl.int64) + n
+    hh = h.to(tl.int64)
+    acc = _load_tile(DQ_ACC + hh * sah, _rows(nb, q0, offs_m, san, sas), offs_d, sad, m_mask, True, HEAD_DIM)
+    _store_tile(DQ + hh * sqh, _rows(nb, q0, offs_m, sqn, sqs), offs_d, sqd, m_mask, acc, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _attn_bwd_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    KPM,
-    SHIFT,
-    CU_Q,
-    CU_K,
-    sqn,
-    sqs,
-    sqh,
-    sqd,
-    skn,
-    sks,
-    skh,
-    skd,
-    svn,
-    svs,
-    svh,
-    svd,
-    sdon,
-    sdos,
-    sdoh,
-    sdod,
-    sdkn,
-    sdks,
-    sdkh,
-    sdkd,
-    sdvn,
-    sdvs,
-    sdvh,
-    sdvd,
-    smn,
-    sms,
-    slh,
-    H,
-    T,
-    Sq,
-    Sk,
-    D,
-    qk_scale,
-    sm_scale,
+def _attn_bwd_kv(
+    Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, KPM, SHIFT, CU_Q, CU_K,
+    sqn, sqs, sqh, sqd, skn, sks, skh, skd, svn, svs, svh, svd, sdon, sdos, sdoh, sdod,
+    sdkn, sdks, sdkh, sdkd, sdvn, sdvs, sdvh, sdvd, san, sas, sah, sad, smn, sms, slh,
+    H, T, Sq, Sk, qk_scale, sm_scale,
     S_BUCKET,  # autotune key only
-    VARLEN: tl.constexpr,
-    ROLL: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dK, dV for one block of keys, looping over the query blocks that can see it (transposed tiles)."""
-    pid_n = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    q0, len_q, k0, len_k, lrow0 = _seq_bounds(CU_Q, CU_K, n, Sq, Sk, VARLEN)
-    start_n = pid_n * BLOCK_N
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one block of keys, looping over the query blocks that can see it, in transposed tiles
+    (keys on rows): ``P^T = exp2(K Q^T * scale - lse)``, ``dV += P^T dO``, ``dS^T = P^T (V dO^T - delta)``,
+    ``dK += dS^T Q``; ATOMIC_DQ: also ``dQ[rows] += scale dS K`` into the fp32 accumulator."""
+    n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_K, Sq, Sk, VARLEN)
+    start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < len_k
-    d_mask = offs_d < D
-    nd_mask = n_mask[:, None] & d_mask[None, :]
     nb_k = _batch_rows(n, offs_n, n_mask, SHIFT, T, ROLL)
-    krow = (k0 + offs_n).to(tl.int64)
-    k = tl.load(
-        K + h.to(tl.int64) * skh + (nb_k * skn + krow * sks)[:, None] + offs_d[None, :] * skd, mask=nd_mask, other=0.0
-    )
-    v = tl.load(
-        V + h.to(tl.int64) * svh + (nb_k * svn + krow * svs)[:, None] + offs_d[None, :] * svd, mask=nd_mask, other=0.0
-    )
-    key_ok = n_mask
-    if HAS_KPM:
-        pad = tl.load(KPM + nb_k * smn + offs_n * sms, mask=n_mask, other=1)
-        key_ok = key_ok & (pad == 0)
+    hh = h.to(tl.int64)
+    k = _load_tile(K + hh * skh, _rows(nb_k, k0, offs_n, skn, sks), offs_d, skd, n_mask, True, HEAD_DIM)
+    v = _load_tile(V + hh * svh, _rows(nb_k, k0, offs_n, svn, svs), offs_d, svd, n_mask, True, HEAD_DIM)
+    key_ok = _key_visible(offs_n, n_mask, nb_k, KPM, smn, sms, HAS_KPM)
     diag = len_k - len_q
     if CAUSAL:
         lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
@@ -363,18 +293,17 @@ def _attn_bwd_dkdv(
     hi = tl.where(start_n < len_k, len_q, 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    Q_h = Q + h.to(tl.int64) * sqh
-    DO_h = DO + h.to(tl.int64) * sdoh
-    L_h = LSE + h.to(tl.int64) * slh + lrow0
-    D_h = DELTA + h.to(tl.int64) * slh + lrow0
+    Q_h = Q + hh * sqh
+    DO_h = DO + hh * sdoh
+    DQ_h = DQ_ACC + hh * sah
+    L_h = LSE + hh * slh + lrow0
+    D_h = DELTA + hh * slh + lrow0
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < len_q
-        md_mask = m_mask[:, None] & d_mask[None, :]
         nb_q = _batch_rows(n, offs_m, m_mask, SHIFT, T, ROLL)
-        qrow = (q0 + offs_m).to(tl.int64)
-        q = tl.load(Q_h + (nb_q * sqn + qrow * sqs)[:, None] + offs_d[None, :] * sqd, mask=md_mask, other=0.0)
-        do = tl.load(DO_h + (nb_q * sdon + qrow * sdos)[:, None] + offs_d[None, :] * sdod, mask=md_mask, other=0.0)
+        q = _load_tile(Q_h, _rows(nb_q, q0, offs_m, sqn, sqs), offs_d, sqd, m_mask, True, HEAD_DIM)
+        do = _load_tile(DO_h, _rows(nb_q, q0, offs_m, sdon, sdos), offs_d, sdod, m_mask, True, HEAD_DIM)
         lse = tl.load(L_h + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(D_h + offs_m, mask=m_mask, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -385,98 +314,39 @@ def _attn_bwd_dkdv(
         pt = tl.where(keep, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-    dk = dk * sm_scale
-    tl.store(
-        DK + h.to(tl.int64) * sdkh + (nb_k * sdkn + krow * sdks)[:, None] + offs_d[None, :] * sdkd,
-        dk.to(DK.dtype.element_ty),
-        mask=nd_mask,
-    )
-    tl.store(
-        DV + h.to(tl.int64) * sdvh + (nb_k * sdvn + krow * sdvs)[:, None] + offs_d[None, :] * sdvd,
-        dv.to(DV.dtype.element_ty),
-        mask=nd_mask,
-    )
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION) * sm_scale
+            dq_ptrs = DQ_h + _rows(nb_q, q0, offs_m, san, sas)[:, None] + offs_d[None, :] * sad
+            tl.atomic_add(dq_ptrs, dq, mask=_tile_mask(offs_d, m_mask, HEAD_DIM), sem="relaxed")
+    _store_tile(DK + hh * sdkh, _rows(nb_k, k0, offs_n, sdkn, sdks), offs_d, sdkd, n_mask, dk * sm_scale, HEAD_DIM)
+    _store_tile(DV + hh * sdvh, _rows(nb_k, k0, offs_n, sdvn, sdvs), offs_d, sdvd, n_mask, dv, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _attn_bwd_dq(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    LSE,
-    DELTA,
-    KPM,
-    SHIFT,
-    CU_Q,
-    CU_K,
-    sqn,
-    sqs,
-    sqh,
-    sqd,
-    skn,
-    sks,
-    skh,
-    skd,
-    svn,
-    svs,
-    svh,
-    svd,
-    sdon,
-    sdos,
-    sdoh,
-    sdod,
-    sdqn,
-    sdqs,
-    sdqh,
-    sdqd,
-    smn,
-    sms,
-    slh,
-    H,
-    T,
-    Sq,
-    Sk,
-    D,
-    qk_scale,
-    sm_scale,
+def _attn_bwd_q(
+    Q, K, V, DO, DQ, LSE, DELTA, KPM, SHIFT, CU_Q, CU_K,
+    sqn, sqs, sqh, sqd, skn, sks, skh, skd, svn, svs, svh, svd, sdon, sdos, sdoh, sdod,
+    sdqn, sdqs, sdqh, sdqd, smn, sms, slh,
+    H, T, Sq, Sk, qk_scale, sm_scale,
     S_BUCKET,  # autotune key only
-    VARLEN: tl.constexpr,
-    ROLL: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
-):
-    """dQ for one block of queries, looping over the visible key blocks."""
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    q0, len_q, k0, len_k, lrow0 = _seq_bounds(CU_Q, CU_K, n, Sq, Sk, VARLEN)
-    start_m = pid_m * BLOCK_M
+):  # fmt: skip
+    """dQ of one block of queries, looping over the visible key blocks (the deterministic backward)."""
+    n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_K, Sq, Sk, VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < len_q
-    d_mask = offs_d < D
-    md_mask = m_mask[:, None] & d_mask[None, :]
     nb_q = _batch_rows(n, offs_m, m_mask, SHIFT, T, ROLL)
-    qrow = (q0 + offs_m).to(tl.int64)
-    q = tl.load(
-        Q + h.to(tl.int64) * sqh + (nb_q * sqn + qrow * sqs)[:, None] + offs_d[None, :] * sqd, mask=md_mask, other=0.0
-    )
-    do = tl.load(
-        DO + h.to(tl.int64) * sdoh + (nb_q * sdon + qrow * sdos)[:, None] + offs_d[None, :] * sdod,
-        mask=md_mask,
-        other=0.0,
-    )
-    lse = tl.load(LSE + h.to(tl.int64) * slh + lrow0 + offs_m, mask=m_mask, other=float("inf"))
-    delta = tl.load(DELTA + h.to(tl.int64) * slh + lrow0 + offs_m, mask=m_mask, other=0.0)
+    hh = h.to(tl.int64)
+    q = _load_tile(Q + hh * sqh, _rows(nb_q, q0, offs_m, sqn, sqs), offs_d, sqd, m_mask, True, HEAD_DIM)
+    do = _load_tile(DO + hh * sdoh, _rows(nb_q, q0, offs_m, sdon, sdos), offs_d, sdod, m_mask, True, HEAD_DIM)
+    lse = tl.load(LSE + hh * slh + lrow0 + offs_m, mask=m_mask, other=float("inf"))
+    delta = tl.load(DELTA + hh * slh + lrow0 + offs_m, mask=m_mask, other=0.0)
     diag = len_k - len_q
     if CAUSAL:
         hi = tl.minimum(len_k, start_m + BLOCK_M + diag)
@@ -484,59 +354,164 @@ def _attn_bwd_dq(
         hi = len_k
     hi = tl.where(start_m < len_q, tl.maximum(hi, 0), 0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    K_h = K + h.to(tl.int64) * skh
-    V_h = V + h.to(tl.int64) * svh
+    K_h = K + hh * skh
+    V_h = V + hh * svh
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < len_k
-        nd_mask = n_mask[:, None] & d_mask[None, :]
         nb_k = _batch_rows(n, offs_n, n_mask, SHIFT, T, ROLL)
-        krow = (k0 + offs_n).to(tl.int64)
-        k = tl.load(K_h + (nb_k * skn + krow * sks)[:, None] + offs_d[None, :] * skd, mask=nd_mask, other=0.0)
-        v = tl.load(V_h + (nb_k * svn + krow * svs)[:, None] + offs_d[None, :] * svd, mask=nd_mask, other=0.0)
+        k = _load_tile(K_h, _rows(nb_k, k0, offs_n, skn, sks), offs_d, skd, n_mask, True, HEAD_DIM)
+        v = _load_tile(V_h, _rows(nb_k, k0, offs_n, svn, svs), offs_d, svd, n_mask, True, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        keep = n_mask[None, :] & m_mask[:, None]
+        keep = _key_visible(offs_n, n_mask, nb_k, KPM, smn, sms, HAS_KPM)[None, :] & m_mask[:, None]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-        if HAS_KPM:
-            pad = tl.load(KPM + nb_k * smn + offs_n * sms, mask=n_mask, other=1)
-            keep = keep & (pad == 0)[None, :]
         p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    dq = dq * sm_scale
-    tl.store(
-        DQ + h.to(tl.int64) * sdqh + (nb_q * sdqn + qrow * sdqs)[:, None] + offs_d[None, :] * sdqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=md_mask,
-    )
+    _store_tile(DQ + hh * sdqh, _rows(nb_q, q0, offs_m, sdqn, sdqs), offs_d, sdqd, m_mask, dq * sm_scale, HEAD_DIM)
 
 
 # ---- configurations --------------------------------------------------------------------------
-# The interpreter runs one fixed configuration (each program costs ~ms there: big blocks, few programs).
-# On a GPU the launchers autotune over a few FA2-style tilings per (head-dim block, dtype, flags, length
-# bucket); configs that do not fit in shared memory are pruned by the autotuner. Not yet measured on a GPU.
+# The interpreter runs one fixed tiling (each program costs ~ms there: big blocks, few programs). On a GPU
+# each launcher autotunes over a short list of tilings per (kernel, dot class, BLOCK_D, gather): FA2/FA3-style
+# Hopper tiles (128-row query tiles in the forward; in the backward every bf16/fp16 dot has >= 64 rows per
+# warpgroup, so all of them lower to wgmma). Every listed tiling was compiled for sm_90a at D = BLOCK_D
+# (and D = 96), with and without key padding + roll offsets + causal, and uses no more than 227 KB of shared
+# memory and spills no register (``python -m benchmarks.attention_sm90 --configs`` prints the figures).
+# "gather" (roll offsets or key padding) costs 20-60 registers a thread (row indices and the padding mask
+# are loaded per key block), so some tilings are listed only without it. Before a launch the list is also
+# pruned to the tilings whose shared-memory estimate fits (a guard for the device, not the tuning).
+# fp32: tf32 dots where torch's float32 matmul precision allows; otherwise exact fp32 dots, which run on the
+# FMA units and hold whole operand rows in registers: one small tiling each, compiling in seconds.
+# A tiling: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M counts query rows, BLOCK_N key rows.
+
+Tiling = tuple[int, int, int, int]
+_TILES: dict[tuple[str, str, int, bool], list[Tiling]] = {}
+_SMALL_D, _ALL_D = (16, 32, 64), (16, 32, 64, 128)
 
 
-def _cfgs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+def _tiles(kernel: str, cls: str, block_ds, tiles: list[Tiling], gather: list[Tiling] | None = None) -> None:
+    for bd in block_ds:
+        _TILES[(kernel, cls, bd, False)] = tiles
+        _TILES[(kernel, cls, bd, True)] = tiles if gather is None else gather
 
 
-_KEY = ["S_BUCKET", "BLOCK_D", "VARLEN", "ROLL", "HAS_KPM", "CAUSAL", "PRECISION"]
-_FWD_CFGS = _cfgs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)])
-_DKDV_CFGS = _cfgs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)])
-_DQ_CFGS = _cfgs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 16, 4, 2)])
+# forward
+_tiles(
+    "fwd",
+    "16",
+    _SMALL_D,
+    [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
+    [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+)
+_tiles(
+    "fwd",
+    "16",
+    (128,),
+    [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+)
+# fused backward (dK, dV, atomic dQ): the dQ dot has BLOCK_M rows, so BLOCK_M >= 64 for wgmma
+_tiles("kv_dq", "16", _SMALL_D, [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)])
+_tiles("kv_dq", "16", (128,), [(64, 64, 8, 2), (64, 64, 8, 3)], [(64, 64, 8, 3)])
+# deterministic backward: dK, dV per key block, then dQ per query block
+_tiles("kv", "16", _SMALL_D, [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)])
+_tiles("kv", "16", (128,), [(64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)])
+_tiles("q", "16", _SMALL_D, [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)])
+_tiles("q", "16", (128,), [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)])
+# fp32, tf32 dots
+for _k in ("fwd", "kv_dq", "q"):
+    _tiles(_k, "tf32", _ALL_D, [(64, 32, 8, 2)])
+_tiles("kv", "tf32", _ALL_D, [(32, 64, 8, 2)])
+# fp32, exact dots
+_tiles("fwd", "ieee", _ALL_D, [(32, 16, 8, 2)])
+for _k in ("kv", "q"):
+    _tiles(_k, "ieee", _ALL_D, [(32, 32, 8, 2)])
+_tiles("kv_dq", "ieee", _SMALL_D, [(32, 32, 8, 2)])
+_tiles("kv_dq", "ieee", (128,), [(16, 32, 4, 2)])
+
+_INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 64}
+SMEM_LIMIT = 227 * 1024  # sm_90's shared memory per block
+
+
+def _config(t: Tiling) -> triton.Config:
+    m, n, w, s = t
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _dot_class(dtype: torch.dtype, precision: str) -> str:
+    return "16" if dtype in (torch.float16, torch.bfloat16) else precision
+
+
+def gpu_configs(
+    kernel: str, dtype: torch.dtype, head_dim: int, *, gather: bool = False, precision: str = "ieee"
+) -> list[triton.Config]:
+    """The tilings a GPU launch autotunes over for ``kernel`` (``'fwd'``; ``'kv_dq'``, the fused backward;
+    ``'kv'`` and ``'q'``, the deterministic backward) at ``dtype`` and ``head_dim``, before the shared-memory
+    guard. ``gather``: with roll offsets or a key padding mask. ``precision``: fp32's dot precision
+    (``'ieee'`` or ``'tf32'``)."""
+    key = (kernel, _dot_class(dtype, precision), _block_d(head_dim), gather)
+    return [_config(t) for t in _TILES[key]]
+
+
+def tilings(kernel: str) -> list[triton.Config]:
+    """Every distinct tiling ``kernel`` may run on a GPU (any dtype, head dim or flags)."""
+    return [_config(t) for t in sorted({t for key, ts in _TILES.items() if key[0] == kernel for t in ts})]
+
+
+def smem_estimate(kernel: str, config: triton.Config, block_d: int, elem: int) -> int:
+    """Shared memory (bytes) ``kernel`` needs with ``config`` by the sm_90 compiles: the dot operands it stages,
+    the pipelined ones ``num_stages`` deep, plus the dS tile and a second copy of K for the atomic dQ dot."""
+    m, n, s = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    small = 2048  # LSE, delta, masks, barriers
+    if kernel == "fwd":  # q resident; k, v pipelined
+        return (m * block_d + 2 * s * n * block_d) * elem + small
+    if kernel == "q":  # q, dO resident; k, v pipelined
+        return (2 * m * block_d + 2 * s * n * block_d) * elem + small
+    kv = (2 * n * block_d + 2 * s * m * block_d) * elem + small  # k, v resident; q, dO pipelined
+    return kv if kernel == "kv" else kv + (n * block_d + 2 * m * n) * elem
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        dtype = named_args["Q"].dtype
+        bd = kwargs["BLOCK_D"]
+        gather = bool(kwargs["ROLL"] or kwargs["HAS_KPM"])
+        cands = [_config(t) for t in _TILES[(kernel, _dot_class(dtype, kwargs["PRECISION"]), bd, gather)]]
+        fit = [c for c in cands if smem_estimate(kernel, c, bd, dtype.itemsize) <= SMEM_LIMIT]
+        return fit or cands[-1:]
+
+    return prune
+
+
+def _autotuned(fn, kernel: str, **extra):
+    key = ["S_BUCKET", "HEAD_DIM", "VARLEN", "ROLL", "HAS_KPM", "CAUSAL", "PRECISION"]
+    return triton.autotune(tilings(kernel), key=key, prune_configs_by={"early_config_prune": _pruner(kernel)},
+                           **extra)(fn)  # fmt: skip
+
 
 if INTERPRET:
-    _fwd, _dkdv, _dq = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
-    _FIXED = {"BLOCK_M": 64, "BLOCK_N": 64}
+    _fwd, _kv_dq, _kv, _q = _attn_fwd, _attn_bwd_kv, _attn_bwd_kv, _attn_bwd_q
 else:
-    _fwd = triton.autotune(_FWD_CFGS, key=_KEY)(_attn_fwd)
-    _dkdv = triton.autotune(_DKDV_CFGS, key=_KEY)(_attn_bwd_dkdv)
-    _dq = triton.autotune(_DQ_CFGS, key=_KEY)(_attn_bwd_dq)
-    _FIXED = {}
+    _fwd = _autotuned(_attn_fwd, "fwd")
+    # timing a tiling re-runs the kernel: its atomics must start from zero each time
+    _kv_dq = _autotuned(_attn_bwd_kv, "kv_dq", reset_to_zero=["DQ_ACC"])
+    _kv = _autotuned(_attn_bwd_kv, "kv")
+    _q = _autotuned(_attn_bwd_q, "q")
+
+
+def _run(tuned, raw, grid, args, flags, config: triton.Config | None) -> None:
+    """Launch with ``config`` when given (the GPU tiling forced, also in the interpreter), else the
+    interpreter's fixed tiling or the autotuner."""
+    if config is not None:
+        raw[grid](*args, **flags, **config.all_kwargs())
+    elif INTERPRET:
+        raw[grid](*args, **flags, **_INTERPRET_TILES)
+    else:
+        tuned[grid](*args, **flags)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -549,11 +524,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     """(batch, seq, head, dim) strides; a varlen (total, H, D) tensor has no batch stride."""
     if varlen:
         return (0, *x.stride())
     return tuple(x.stride())
+
+
+def _row_block(block_d: int, elem: int) -> int:
+    """Rows per program of the elementwise backward kernels (delta, the dQ cast): 16 KB tiles."""
+    return 64 if INTERPRET else max(16, min(128, 16384 // (block_d * elem)))
 
 
 class _Launch:
@@ -577,18 +561,21 @@ class _Launch:
         self.cu_q = cu_q if cu_q is not None else self.dummy
         self.cu_k = cu_k if cu_k is not None else self.dummy
         self.T = int(num_frames)
+        self.block_d = _block_d(self.D)
         self.flags = {
+            "HEAD_DIM": self.D,
             "VARLEN": self.varlen,
             "ROLL": shift is not None,
             "HAS_KPM": kpm is not None,
             "CAUSAL": bool(causal),
-            "BLOCK_D": max(16, triton.next_power_of_2(self.D)),
+            "BLOCK_D": self.block_d,
             "PRECISION": _precision(q.dtype),
         }
         self.scale = float(scale)
         self.bucket = max(64, triton.next_power_of_2(max(self.Sq, self.Sk, 1)))
 
 
+@on_tensor_device
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -603,8 +590,13 @@ def attention_forward(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out, lse)``: out contiguous in q's shape and dtype, lse ``(H, rows)`` fp32 in base 2."""
+    """Attention forward. q ``(N, Sq, H, D)`` / k, v ``(N, Sk, H, D)``, or varlen ``(total, H, D)`` with int32
+    ``cu_seqlens_q/k (batch + 1,)``; fp16 / bf16 / fp32, any strides; ``key_padding_mask (N, Sk)`` bool (True =
+    padded); ``shift (S,)`` int32 in ``[0, num_frames)``: roll-aware rows. ``config``: run this tiling (one
+    of :func:`gpu_configs`) instead of autotuning. Returns ``(out, lse)``: out contiguous in q's shape and
+    dtype, lse ``(H, rows)`` fp32 in base 2."""
     L = _Launch(
         q, k, key_padding_mask, shift, num_frames, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
     )
@@ -613,16 +605,29 @@ def attention_forward(
     if out.numel() == 0 or L.N == 0 or L.Sq == 0:
         return out, lse
     vl = L.varlen
-    grid = lambda meta: (triton.cdiv(L.Sq, meta["BLOCK_M"]), L.N * L.H)
-    _fwd[grid](
+    args = (
         q, k, v, out, lse, L.kpm, L.shift, L.cu_q, L.cu_k,
         *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(out, vl), L.smn, L.sms, lse.stride(0),
-        L.H, L.T, L.Sq, L.Sk, L.D, L.scale * LOG2E, L.bucket,
-        **L.flags, **_FIXED,
+        L.H, L.T, L.Sq, L.Sk, L.scale * LOG2E, L.bucket,
     )  # fmt: skip
+    _run(_fwd, _attn_fwd, lambda meta: (triton.cdiv(L.Sq, meta["BLOCK_M"]), L.N * L.H), args, L.flags, config)
     return out, lse
 
 
+def _out_arg(name: str, given: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if given is None:
+        return empty(like.shape, like.dtype, like.device)
+    if not isinstance(given, torch.Tensor):
+        raise TypeError(f"attention_backward: argument '{name}' must be a tensor, got {type(given).__name__}")
+    if given.shape != like.shape or given.dtype != like.dtype or given.device != like.device:
+        raise ValueError(
+            f"attention_backward: argument '{name}' must have shape {tuple(like.shape)}, dtype {like.dtype} and "
+            f"device {like.device}, got {tuple(given.shape)}, {given.dtype}, {given.device}"
+        )
+    return given
+
+
+@on_tensor_device
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -640,41 +645,77 @@ def attention_backward(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    deterministic: bool = False,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+    config: Mapping[str, triton.Config] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns contiguous ``(dq, dk, dv)``; deterministic (no atomics)."""
+    """Attention backward: ``(dq, dk, dv)`` in the shapes and dtypes of q, k, v.
+
+    Arguments as :func:`attention_forward`, plus ``dout`` (q's shape) and the forward's ``out`` and ``lse``.
+    ``deterministic``: bitwise-repeatable gradients (a separate dQ pass instead of fp32 atomics).
+    ``dq``, ``dk``, ``dv``: optional outputs to write into, any strides (e.g. the three views
+    ``g[:, :, i]`` of one ``(N, S, 3, H, D)`` gradient of a packed qkv); fresh contiguous tensors otherwise.
+    ``config``: tilings to run instead of autotuning, by kernel (``'kv_dq'``, or ``'kv'`` and ``'q'`` when
+    deterministic; see :func:`gpu_configs`)."""
     L = _Launch(
         q, k, key_padding_mask, shift, num_frames, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
     )
-    dq = empty(q.shape, q.dtype, q.device)
-    dk = empty(k.shape, k.dtype, k.device)
-    dv = empty(v.shape, v.dtype, v.device)
+    dq = _out_arg("dq", dq, q)
+    dk = _out_arg("dk", dk, k)
+    dv = _out_arg("dv", dv, v)
     if L.N == 0 or L.H == 0 or L.D == 0:
         return dq, dk, dv
+    config = config or {}
     vl = L.varlen
+    atomic = not deterministic and L.Sk > 0
+    # the fp32 dQ accumulator: dq itself when fp32, else a contiguous scratch cast into dq at the end
+    dq_acc = dq if not atomic or dq.dtype == torch.float32 else empty(q.shape, torch.float32, q.device)
     delta = empty((L.H, L.rows), torch.float32, q.device)
-    BLOCK_D = L.flags["BLOCK_D"]
+    rows_m = _row_block(L.block_d, q.element_size())
     if L.Sq > 0:
-        pre_m = 64 if INTERPRET else max(16, min(128, 8192 // BLOCK_D))
-        _attn_bwd_pre[(triton.cdiv(L.Sq, pre_m), L.N * L.H)](
-            out, dout, delta, L.shift, L.cu_q,
-            *_strides(out, vl), *_strides(dout, vl), delta.stride(0), L.H, L.T, L.Sq, L.D,
-            VARLEN=vl, ROLL=L.flags["ROLL"], BLOCK_M=pre_m, BLOCK_D=BLOCK_D,
+        _attn_bwd_pre[(triton.cdiv(L.Sq, rows_m), L.N * L.H)](
+            out, dout, delta, dq_acc, L.shift, L.cu_q,
+            *_strides(out, vl), *_strides(dout, vl), *_strides(dq_acc, vl), delta.stride(0), L.H, L.T, L.Sq,
+            HEAD_DIM=L.D, VARLEN=vl, ROLL=L.flags["ROLL"], ZERO_DQ=atomic, BLOCK_M=rows_m, BLOCK_D=L.block_d,
         )  # fmt: skip
-    common = (L.smn, L.sms, lse.stride(0), L.H, L.T, L.Sq, L.Sk, L.D, L.scale * LOG2E, L.scale, L.bucket)
+    sizes = (L.smn, L.sms, lse.stride(0), L.H, L.T, L.Sq, L.Sk, L.scale * LOG2E, L.scale, L.bucket)
     if L.Sk > 0:
-        _dkdv[(lambda meta: (triton.cdiv(L.Sk, meta["BLOCK_N"]), L.N * L.H))](
-            q, k, v, dout, dk, dv, lse, delta, L.kpm, L.shift, L.cu_q, L.cu_k,
+        kv = _kv_dq if atomic else _kv
+        args = (
+            q, k, v, dout, dk, dv, dq_acc, lse, delta, L.kpm, L.shift, L.cu_q, L.cu_k,
             *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(dout, vl),
-            *_strides(dk, vl), *_strides(dv, vl), *common,
-            **L.flags, **_FIXED,
+            *_strides(dk, vl), *_strides(dv, vl), *_strides(dq_acc, vl), *sizes,
         )  # fmt: skip
-    if L.Sq > 0:
-        _dq[(lambda meta: (triton.cdiv(L.Sq, meta["BLOCK_M"]), L.N * L.H))](
+        grid = lambda meta: (triton.cdiv(L.Sk, meta["BLOCK_N"]), L.N * L.H)
+        flags = dict(L.flags, ATOMIC_DQ=atomic)
+        _run(kv, _attn_bwd_kv, grid, args, flags, config.get("kv_dq" if atomic else "kv"))
+    if L.Sq > 0 and not atomic:
+        args = (
             q, k, v, dout, dq, lse, delta, L.kpm, L.shift, L.cu_q, L.cu_k,
-            *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(dout, vl), *_strides(dq, vl), *common,
-            **L.flags, **_FIXED,
+            *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(dout, vl), *_strides(dq, vl), *sizes,
+        )  # fmt: skip
+        _run(_q, _attn_bwd_q, lambda meta: (triton.cdiv(L.Sq, meta["BLOCK_M"]), L.N * L.H), args, L.flags,
+             config.get("q"))  # fmt: skip
+    if atomic and dq_acc is not dq and L.Sq > 0:
+        # physical rows: a varlen tensor is one sequence of `total` rows here
+        n_seq, s_rows = (1, q.shape[0]) if vl else (L.N, L.Sq)
+        acc_st = (0, *dq_acc.stride()) if vl else dq_acc.stride()
+        dq_st = (0, *dq.stride()) if vl else dq.stride()
+        _attn_bwd_dq_cast[(triton.cdiv(s_rows, rows_m), n_seq * L.H)](
+            dq_acc, dq, L.cu_q, *acc_st, *dq_st, L.H, s_rows,
+            HEAD_DIM=L.D, VARLEN=False, BLOCK_M=rows_m, BLOCK_D=L.block_d,
         )  # fmt: skip
     return dq, dk, dv
 
 
-__all__ = ["LOG2E", "attention_backward", "attention_forward"]
+__all__ = [
+    "LOG2E",
+    "SMEM_LIMIT",
+    "attention_backward",
+    "attention_forward",
+    "gpu_configs",
+    "smem_estimate",
+    "tilings",
+]

@@ -203,6 +203,195 @@ def test_varlen_unequal_lengths(backend, dtype, causal):
         assert_close(a, r, dtype, torch_same_dtype=s, name=f"grad {name}")
 
 
+# ---- the GPU tilings, run through the interpreter; the backward's outputs -------------------------
+# The interpreter runs 64 x 64 tiles by default; here every distinct (BLOCK_M, BLOCK_N) a GPU launch may
+# autotune over is forced through the kernels (kernel-level launchers, ``config=``), at sizes that leave
+# ragged blocks, against the float64 oracle, with key padding, causal, varlen and roll offsets in turn.
+
+
+def _kernels():
+    from fastvl.kernels import attention as A
+
+    return A
+
+
+def _block_shapes(kernel):
+    """One tiling per distinct (BLOCK_M, BLOCK_N) of ``kernel`` (warps and stages do not change the math)."""
+    if not KERNELS:
+        return []
+    shapes = {}
+    for cfg in _kernels().tilings(kernel):
+        shapes.setdefault((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]), cfg)
+    return [pytest.param(kernel, cfg, id=f"{kernel}-{m}x{n}") for (m, n), cfg in sorted(shapes.items())]
+
+
+# (name, flags): each kernel's block shapes take these in turn
+_FLAG_SETS = [
+    ("kpm+roll", dict(pad=True, roll=True)),
+    ("causal+kpm", dict(causal=True, pad=True)),
+    ("varlen+causal", dict(varlen=True, causal=True)),
+    ("kpm+roll+causal", dict(pad=True, roll=True, causal=True)),
+    ("cross+causal", dict(cross=True, causal=True)),  # Sq < Sk, bottom-right
+]
+
+
+def _oracle(q, k, v, dout, scale, causal, kpm, shift, T, cu_q, cu_k):
+    """(out, (dq, dk, dv)) of the textbook attention by autograd in the inputs' dtype."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    if cu_q is not None:
+        outs = []
+        for b in range(len(cu_q) - 1):
+            qs, ks, vs = (
+                t[c[b] : c[b + 1]][None] for t, c in zip(leaves, (cu_q.tolist(), cu_k.tolist(), cu_k.tolist()))
+            )
+            outs.append(naive_attention(qs, ks, vs, scale, causal)[0])
+        out = torch.cat(outs)
+    elif shift is not None:
+        rolled = [naive_roll(t, shift, T) for t in leaves]
+        out = naive_roll(naive_attention(*rolled, scale, causal, naive_roll(kpm, shift, T)), shift, T, inverse=True)
+    else:
+        out = naive_attention(*leaves, scale, causal, kpm)
+    return out.detach(), torch.autograd.grad(out, leaves, dout)
+
+
+def _case(flags, dtype, D, S):
+    """Inputs for one kernel-level launch: q, k, v, launcher kwargs and the oracle's arguments."""
+    T, H = 3, 1
+    N, Sq, Sk = T, S, S
+    if flags.get("cross"):
+        N, Sq, Sk = 2, S // 2, S
+    kw, cu_q, cu_k, kpm, shift = {}, None, None, None, None
+    if flags.get("varlen"):
+        lq, lk = [S, 1, 0, S // 2 + 3], [S, S // 4, 5, S // 3]
+        cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        q, k, v = (randn(n, H, D, dtype=torch.float64).to(dtype) for n in (sum(lq), sum(lk), sum(lk)))
+        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk))
+    else:
+        q = randn(N, Sq, H, D, dtype=torch.float64).to(dtype)
+        k, v = (randn(N, Sk, H, D, dtype=torch.float64).to(dtype) for _ in range(2))
+        if flags.get("pad"):
+            kpm = torch.rand(N, Sk, device=DEV) < 0.3
+            kpm[1] = True  # a fully padded sequence
+            kw["key_padding_mask"] = kpm
+        if flags.get("roll"):
+            shift = torch.randint(0, T, (Sq,), dtype=torch.int32, device=DEV)
+            kw.update(shift=shift, num_frames=T)
+    causal = bool(flags.get("causal"))
+    return q, k, v, dict(kw, causal=causal), (causal, kpm, shift, T, cu_q, cu_k)
+
+
+@pytest.mark.parametrize(
+    "kernel,cfg", _block_shapes("fwd") + _block_shapes("kv_dq") + _block_shapes("kv") + _block_shapes("q")
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tilings_match_float64(kernel, cfg, dtype):
+    A = _kernels()
+    # rotate the flag sets over each kernel's block shapes and the two dtypes
+    shapes = [p.values[1].kwargs for p in _block_shapes(kernel)]
+    i = 2 * shapes.index(cfg.kwargs) + (dtype == torch.float16)
+    name, flags = _FLAG_SETS[i % len(_FLAG_SETS)]
+    D = (64, 96, 32)[i % 3]
+    # two blocks along the tile's longer side, the second one ragged
+    S = max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) + 19
+    q, k, v, kw, oracle_args = _case(flags, dtype, D, S)
+    scale = D**-0.5 * 1.3
+    out, lse = A.attention_forward(q, k, v, scale=scale, config=cfg if kernel == "fwd" else None, **kw)
+    dout = randn(*out.shape, dtype=torch.float64).to(dtype)
+    grads = A.attention_backward(
+        dout, q, k, v, out, lse, scale=scale, deterministic=kernel in ("kv", "q"),
+        config=None if kernel == "fwd" else {kernel: cfg}, **kw,
+    )  # fmt: skip
+    # the forward's LSE is checked through the backward, which rebuilds P from it
+    ref, ref_grads = _oracle(*(t.double() for t in (q, k, v, dout)), scale, *oracle_args)
+    same, same_grads = _oracle(q, k, v, dout, scale, *oracle_args)
+    for n, got, r, s in zip(
+        ["out", "grad q", "grad k", "grad v"], (out, *grads), (ref, *ref_grads), (same, *same_grads)
+    ):
+        # fp32: within 1e-5 of the tensor's scale (sums of ~S terms: PyTorch's own error is ~1e-6 of it)
+        atol = 1e-5 * max(1.0, r.abs().max().item()) if dtype == torch.float32 else None
+        assert_close(got, r, dtype, torch_same_dtype=s, atol=atol, name=f"{n} ({name}, D={D})")
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_backward_writes_into_one_qkv_gradient(dtype, deterministic, varlen):
+    # dq, dk, dv as strided views of one (N, S, 3, H, D) (varlen: (total, 3, H, D)) buffer, as nn.Attention's
+    # qkv projection wants its gradient: the launcher writes them there, every element, nothing else
+    A = _kernels()
+    T, H, D = 3, 2, 32
+    kw, shape = {}, (2 * T, 41, 3, H, D)
+    if varlen:
+        cu = torch.tensor([0, 41, 41, 70], dtype=torch.int32, device=DEV)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=41, max_seqlen_k=41)
+        shape = (70, 3, H, D)
+    else:
+        kw = dict(key_padding_mask=torch.rand(2 * T, 41, device=DEV) < 0.2, num_frames=T,
+                  shift=torch.randint(0, T, (41,), dtype=torch.int32, device=DEV))  # fmt: skip
+    qkv = randn(*shape, dtype=torch.float64).to(dtype)
+    q, k, v = qkv.unbind(-3)
+    out, lse = A.attention_forward(q, k, v, scale=0.2, causal=True, **kw)
+    dout = randn(*out.shape, dtype=torch.float64).to(dtype)
+    expect = A.attention_backward(dout, q, k, v, out, lse, scale=0.2, causal=True, deterministic=True, **kw)
+    g = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    views = g.unbind(-3)
+    got = A.attention_backward(
+        dout, q, k, v, out, lse, scale=0.2, causal=True, deterministic=deterministic,
+        dq=views[0], dk=views[1], dv=views[2], **kw,
+    )  # fmt: skip
+    for view, res, exp, name in zip(views, got, expect, "qkv"):
+        assert res.data_ptr() == view.data_ptr() and res.stride() == view.stride(), name
+        assert not torch.isnan(view).any(), f"d{name}: unwritten elements"
+        if deterministic:
+            assert torch.equal(view, exp), name
+        else:  # fp32 atomics add up dq in another order than the dq pass
+            assert_close(view, exp.double(), dtype, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6,
+                         name=f"d{name}")  # fmt: skip
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+def test_backward_out_arguments_are_checked():
+    A = _kernels()
+    q = randn(2, 9, 1, 32)
+    out, lse = A.attention_forward(q, q, q, scale=0.2)
+    with pytest.raises(ValueError, match=r"'dk' must have shape \(2, 9, 1, 32\), dtype torch.float32"):
+        A.attention_backward(out, q, q, q, out, lse, scale=0.2, dk=torch.empty(2, 9, 1, 16, device=DEV))
+    with pytest.raises(ValueError, match="'dq' must have .* dtype torch.float32"):
+        A.attention_backward(out, q, q, q, out, lse, scale=0.2, dq=torch.empty_like(q, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+def test_gpu_tiling_lists():
+    # what the static sm_90 compile checks per tiling, stated on the lists themselves: on sm_90 the
+    # shared-memory guard prunes none of them (each fits 227 KB by the estimate, which the compiles
+    # match), and every fp16/bf16 dot has at least 64 rows (one warpgroup's wgmma) in every kernel
+    A = _kernels()
+    for kernel in ("fwd", "kv_dq", "kv", "q"):
+        for dtype, precisions in ((torch.bfloat16, ["ieee"]), (torch.float32, ["ieee", "tf32"])):
+            for precision in precisions:
+                for D in (16, 32, 64, 96, 128):
+                    for gather in (False, True):
+                        cfgs = A.gpu_configs(kernel, dtype, D, gather=gather, precision=precision)
+                        assert 1 <= len(cfgs) <= 3, (kernel, dtype, precision, D, gather)
+                        bd = max(16, 1 << (D - 1).bit_length())
+                        for c in cfgs:
+                            assert A.smem_estimate(kernel, c, bd, dtype.itemsize) <= A.SMEM_LIMIT, (kernel, c, D)
+                            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                            if dtype == torch.bfloat16:  # rows of each dot: fwd / q: BLOCK_M; kv: BLOCK_N
+                                rows = {"fwd": [m], "q": [m], "kv": [n], "kv_dq": [n, m]}[kernel]
+                                assert min(rows) >= 64, (kernel, c)
+        listed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in A.tilings(kernel)}
+        seen = set()
+        for dtype, precision in ((torch.float16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32")):
+            for D in (32, 128):
+                for gather in (False, True):
+                    for c in A.gpu_configs(kernel, dtype, D, gather=gather, precision=precision):
+                        seen.add((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+        assert seen == listed, kernel  # tilings() is what the interpreter test above runs
+
+
 # ---- determinism -------------------------------------------------------------------------------
 
 
@@ -373,8 +562,9 @@ def test_dispatch_reasons():
     # the GPU path's reasons, seen on meta tensors (not CPU ones: on the CPU sdpa takes offsets and is deterministic)
     qm = q.to("meta")
     off = torch.zeros(17, dtype=torch.int64, device="meta")
-    sdpa = fastvl.backends._REGISTRY["flash_attention"]["sdpa"]
-    call = fastvl.ops.flash_attention.make_call(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True)
+    sdpa = fastvl.backends.get("flash_attention", "sdpa")
+    (request,) = fastvl.ops.attention.prepare(qm, qm, qm, frame_offsets=off, num_frames=2, deterministic=True).requests
+    call = request.call
     why = " ".join(sdpa.reasons(call))
     assert "frame_offsets" in why and "deterministic=True" in why and "runs on CUDA tensors" in why
 
@@ -522,7 +712,7 @@ def test_opcheck_and_fake():
     q, k, v = (torch.randn(2, 9, 2, 16, requires_grad=True) for _ in range(3))
     kpm = torch.zeros(2, 9, dtype=torch.bool)
     kpm[1, 4:] = True
-    args = (q, k, v, kpm, None, None, None, 0, 0, 1, 0.25, True, "reference")
+    args = (q, k, v, kpm, None, None, None, 0, 0, 1, 0.25, True, False, "reference")
     torch.library.opcheck(torch.ops.fastvl.flash_attention.default, args)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -569,12 +759,16 @@ bf = "*bf16"
 ptrs = dict(Q=bf, K=bf, V=bf, O=bf, DO=bf, DQ=bf, DK=bf, DV=bf, LSE="*fp32", DELTA="*fp32", KPM="*u8", SHIFT="*i32",
             CU_Q="*i32", CU_K="*i32", X=bf, R=bf, W=bf, B=bf, Y=bf, HS=bf, MEAN="*fp32", RSTD="*fp32", DY=bf, DH=bf,
             DX=bf, DW_PART="*fp32", DB_PART="*fp32", PART="*fp32", OUT=bf)
-every = dict(VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
+ptrs.update(DQ_ACC="*fp32")
+every = dict(HEAD_DIM=96, VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
 build(A._attn_fwd, ptrs, dict(every, BLOCK_M=128, BLOCK_N=64), 8)
-build(A._attn_fwd, ptrs, dict(every, VARLEN=True, ROLL=False, HAS_KPM=False, BLOCK_M=128, BLOCK_N=64), 8)
-build(A._attn_bwd_pre, ptrs, dict(VARLEN=False, ROLL=True, BLOCK_M=64, BLOCK_D=128), 4)
-build(A._attn_bwd_dkdv, ptrs, dict(every, BLOCK_M=32, BLOCK_N=128), 4)
-build(A._attn_bwd_dq, ptrs, dict(every, BLOCK_M=128, BLOCK_N=32), 4)
+build(A._attn_fwd, ptrs, dict(every, HEAD_DIM=64, BLOCK_D=64, VARLEN=True, ROLL=False, HAS_KPM=False, BLOCK_M=128,
+                              BLOCK_N=64), 8)
+build(A._attn_bwd_pre, ptrs, dict(HEAD_DIM=96, VARLEN=False, ROLL=True, ZERO_DQ=True, BLOCK_M=64, BLOCK_D=128), 4)
+build(A._attn_bwd_kv, ptrs, dict(every, HEAD_DIM=128, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64), 8)
+build(A._attn_bwd_kv, ptrs, dict(every, ATOMIC_DQ=False, BLOCK_M=32, BLOCK_N=128), 8)
+build(A._attn_bwd_q, ptrs, dict(every, BLOCK_M=128, BLOCK_N=32), 8)
+build(A._attn_bwd_dq_cast, dict(ptrs, DQ_ACC="*fp32"), dict(HEAD_DIM=96, VARLEN=False, BLOCK_M=64, BLOCK_D=128), 4)
 build(LN._ln_fwd, ptrs, dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_R=4, BLOCK_C=1024), 4)
 build(LN._ln_bwd, ptrs, dict(HAS_DH=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=4, BLOCK_C=1024), 4)
 build(LN._col_sum, ptrs, dict(BLOCK_G=64, BLOCK_C=256), 4)

@@ -15,7 +15,7 @@ def toy_op():
     )
     backends.register(op, "broken", priority=20, available=lambda: ["broken is not installed"])
     yield op
-    backends._REGISTRY.pop(op)
+    backends.unregister(op)
 
 
 def test_auto_picks_best_qualifying(toy_op):
@@ -70,7 +70,7 @@ def test_every_op_has_reference_and_reasons():
     for op in backends.ops():
         names = [b.name for b in backends.backends(op)]
         assert "reference" in names, op
-        assert backends.available_backends(op)["reference"] == []
+        assert backends.get(op, "reference").available() == []
 
 
 def test_explain_report():

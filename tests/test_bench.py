@@ -80,12 +80,26 @@ def test_smoke_rows_schema(smoke):
             assert r["config"]["limits"] == "measured"
 
 
-FAMILIES = {"tokens", "attention", "layer_norm", "contrastive", "models"}
+FAMILIES = {
+    "tokens",
+    "attention",
+    "layer_norm",
+    "contrastive",
+    "linear_cross_entropy",
+    "masking",
+    "models",
+    "select",
+    "merge",
+}
 BOUND = {
     "tokens": "memory",
+    "masking": "memory",
     "layer_norm": "memory",
+    "select": "memory",
+    "merge": "memory",
     "attention": "compute",
     "contrastive": "compute",
+    "linear_cross_entropy": "compute",
     "models": "compute",
 }
 

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastvl
 from fastvl import BackendError
 from fastvl.ops import contrastive as C
-from fastvl.testing import assert_close, device, dtypes_to_test, kernel_backends, noncontiguous
+from fastvl.testing import assert_close, device, dtypes_to_test, interpret, kernel_backends, noncontiguous
 
 DEV = device()
 KERNELS = kernel_backends("triton")
@@ -26,7 +26,7 @@ MIL_KERNEL_SHAPES = [(1, 32, 3), (7, 200, 3), (64, 256, 3), (333, 32, 1)]
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """Blocks of ~1500 logits, so the chunked backend walks several blocks even at B=64."""
-    monkeypatch.setattr(C, "CHUNK_ELEMS", 1500)
+    monkeypatch.setattr(C.chunked, "CHUNK_ELEMS", 1500)
 
 
 def unit(*shape, scale: float = 1.0) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_clip_spec_hand_case():
 
 
 def test_mil_nce_spec_against_loops():
-    """design.md's sentence, term by term: denominators over [s(i,j,p)] ++ [s(j,i,p)], invalid texts out."""
+    """The reference's definition, term by term: denominators over [s(i,j,p)] ++ [s(j,i,p)], invalid texts out."""
     B, P, D, s = 4, 2, 5, 3.0
     v, t = unit(B, D), unit(B, P, D)
     valid = torch.tensor([True, False, True, True], device=DEV)
@@ -141,7 +141,7 @@ def test_siglip_spec_hand_case():
 @pytest.mark.parametrize("B", B_VALUES)
 @pytest.mark.parametrize("D", D_VALUES)
 def test_torch_backends(backend, dtype, B, D, monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_ELEMS", (B // 3 + 1) * B)  # CLIP: 3 row blocks (ragged), MIL: ~3P
+    monkeypatch.setattr(C.chunked, "CHUNK_ELEMS", (B // 3 + 1) * B)  # CLIP: 3 row blocks (ragged), MIL: ~3P
     a, b = unit(B, D), unit(B, D)
     check_loss("clip", backend, dtype, [a, b], [14.3])
     check_loss("siglip", backend, dtype, [a, b], [10.0, -10.0])
@@ -253,7 +253,7 @@ def _largest(fn) -> int:
 
 
 def test_chunked_never_materialises_the_logits(monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_ELEMS", 1 << 16)
+    monkeypatch.setattr(C.chunked, "CHUNK_ELEMS", 1 << 16)
     B, D = 2048, 8
     q, k = torch.randn(B, D), torch.randn(B, D)
     s = torch.tensor(3.0)
@@ -276,7 +276,49 @@ def test_triton_allocates_o_of_b():
     row, col = K.lse_forward(q, k, s, None, True)
     fwd = _largest(lambda: K.lse_forward(q, k, s, None, True))
     bwd = _largest(lambda: K.lse_backward(q, k, s, None, torch.rand_like(row), row, torch.rand_like(col), col))
-    assert max(fwd, bwd) <= K._max_programs(q.device) * B + B * D
+    # the forward's column-LSE slots: one (N,) row per program of a wave (at most 2 per SM); the gradient's
+    # fp32 partials when it splits the streamed range: (spans, B, D) with spans <= a wave / resident blocks;
+    # B x D: the (B, D) operands and gradients
+    sms = (K.device_limits(q.device) or K.INTERPRET_LIMITS)[0]
+    assert fwd <= max(2 * sms * B, B * D)
+    assert bwd <= max(2 * sms * B, 2 * sms * 128 * D, B * D)
+    assert max(fwd, bwd) < B * B // 4
+
+
+# ---- the GPU launch shapes, through the interpreter ----------------------------------------
+
+
+def _gpu_tiles():
+    """Every distinct launch shape of the GPU tables, with a feature width in the range it serves that is
+    not a multiple of its D chunk (or, resident, of 16) and splits a 256-feature gradient into slices."""
+    from fastvl.kernels import contrastive as K
+
+    out = {}
+    for (kind, _), entries in K.CANDIDATES.items():
+        for max_d, t in entries:
+            out[(kind, t)] = max_d // 2 + 8 if t.block_d else max_d // 2 + 44
+    return [pytest.param(kind, t, D, id=f"{kind}-{'-'.join(map(str, t))}-D{D}") for (kind, t), D in out.items()]
+
+
+@pytest.mark.skipif(not interpret(), reason="forces the GPU tile tables through TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind,tiles,D", _gpu_tiles() if interpret() else [])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tiles_in_the_interpreter(kind, tiles, D, dtype, monkeypatch):
+    """Each GPU tile shape of ``kind`` forced through the interpreter at B not a multiple of any block:
+    values and gradients (both feature sets, logit_scale, logit_bias, MIL-NCE with a valid mask) against
+    float64. fp32 plans for one program per wave (the persistent forward walks several row blocks), fp16
+    for 16 SMs (the streamed range is split across programs and the partials merged)."""
+    from fastvl.kernels import contrastive as K
+
+    monkeypatch.setitem(K.INTERPRET_TILES, kind, tiles)
+    monkeypatch.setattr(K, "INTERPRET_LIMITS", (1, 1) if dtype == torch.float32 else (16, 232448))
+    B = 70 if kind == "fwd" else 40  # the interpreter's cost grows with the gradient's (tile x chunk) steps
+    a, b = unit(B, D), unit(B, D)
+    check_loss("clip", "triton", dtype, [a, b], [14.3])
+    check_loss("siglip", "triton", dtype, [a, b], [10.0, -10.0])
+    valid = torch.rand(B, device=DEV) > 0.3
+    valid[:2] = torch.tensor([True, False])
+    check_loss("mil", "triton", dtype, [a, unit(B, 2, D)], [14.3], extra=(valid,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -584,7 +626,7 @@ def _dist_worker(rank, world, port, backends_to_test, with_open_clip):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        C.CHUNK_ELEMS = 1500
+        C.chunked.CHUNK_ELEMS = 1500
         torch.manual_seed(1234)  # the same global batch on every rank
         Bl, D, P = 6, 16, 2
         Bg = world * Bl

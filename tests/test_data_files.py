@@ -24,12 +24,12 @@ from fastvl.data import (  # noqa: E402
     compact_pattern,
     denormalize,
     encode_mp4,
+    encode_mp4_bytes,  # noqa: E402
     expand_pattern,
     read_manifest,
     write_shards,
     write_videos,
 )
-from fastvl.data.video import encode_mp4_bytes  # noqa: E402
 
 FRAMES, SIZE, FPS, SR = 8, 32, 8.0, 8000
 

@@ -1,4 +1,4 @@
-"""Models: the op contract they rely on (fastvl/models/_ops.py), tiny-config behaviour, backend equality,
+"""Models: the op contract they rely on (fastvl/models/layers.py), tiny-config behaviour, backend equality,
 sizes and FLOPs pinned against the papers, bad input. Full-size models are built on the meta device."""
 
 import copy
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastvl
 from fastvl import BackendError
-from fastvl.models import _ops, create_model, describe, example_batch, list_models, model_stats
+from fastvl.models import create_model, describe, example_batch, layers, list_models, model_stats
 from fastvl.models.flops import count
 from fastvl.ops.contrastive import clip_loss_reference
 from fastvl.testing import assert_close, kernel_backends, randn
@@ -82,7 +82,7 @@ def assert_same(a, b, rtol=1e-4, atol=1e-6, what=""):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
-# ---- the op contract (_ops): these tests keep holding when the real ops are swapped in -------
+# ---- the op contract (layers): these tests keep holding when the real ops are swapped in -------
 
 
 @pytest.mark.parametrize("T,text_len,steps", [(2, 5, 1), (3, 5, 1), (3, 0, 2), (4, 5, 5)])
@@ -92,7 +92,7 @@ def test_roll_frame_offsets_match_temporal_token_roll(T, text_len, steps):
     y = x
     for _ in range(steps):
         y = fastvl.ops.temporal_token_roll(y, T, text_len=text_len)
-    off = _ops.roll_frame_offsets(S, text_len, steps=steps)
+    off = layers.roll_frame_offsets(S, text_len, steps=steps)
     assert off.dtype == torch.int64 and off.shape == (S,)
     f = 17 // 8
     assert off[: text_len + 1].eq(0).all() and off[text_len + 1 : text_len + 1 + f].eq(-steps).all()
@@ -108,7 +108,7 @@ def test_flash_attention_matches_sdpa_and_padded_rows():
     q, k, v = (randn(N, S, H, D, dtype=torch.float64, device="cpu").requires_grad_() for S in (Sq, Sk, Sk))
     mask = torch.rand(N, Sk) < 0.3
     mask[2] = True  # a fully padded row
-    out = _ops.flash_attention(q, k, v, key_padding_mask=mask, softmax_scale=0.3)
+    out = layers.flash_attention(q, k, v, key_padding_mask=mask, softmax_scale=0.3)
     ref = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=~mask[:, None, None], scale=0.3
     ).transpose(1, 2)
@@ -116,7 +116,7 @@ def test_flash_attention_matches_sdpa_and_padded_rows():
     assert torch.equal(out[2], torch.zeros_like(out[2]))  # zeros, not NaN
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    causal = _ops.flash_attention(q, k, v, causal=True)
+    causal = layers.flash_attention(q, k, v, causal=True)
     ref = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=torch.ones(Sq, Sk).tril(Sk - Sq).bool()
     ).transpose(1, 2)
@@ -139,10 +139,12 @@ def test_flash_attention_roll_aware_equals_explicit_roll(steps):
             y = fastvl.ops.temporal_token_roll(y, T, text_len=text_len)
         return y.reshape(shape)
 
-    off = _ops.roll_frame_offsets(S, text_len, steps=steps)
-    out = _ops.flash_attention(q, k, v, key_padding_mask=mask, frame_offsets=off, num_frames=T)
+    off = layers.roll_frame_offsets(S, text_len, steps=steps)
+    out = layers.flash_attention(q, k, v, key_padding_mask=mask, frame_offsets=off, num_frames=T)
     m_rolled = roll(mask[..., None].double(), steps)[..., 0] > 0.5
-    ref = roll(_ops.flash_attention(roll(q, steps), roll(k, steps), roll(v, steps), key_padding_mask=m_rolled), -steps)
+    ref = roll(
+        layers.flash_attention(roll(q, steps), roll(k, steps), roll(v, steps), key_padding_mask=m_rolled), -steps
+    )
     torch.testing.assert_close(out, ref)
     g = randn(N, S, H, D, dtype=torch.float64, device="cpu")
     got = torch.autograd.grad(out, (q, k, v), g)
@@ -150,24 +152,24 @@ def test_flash_attention_roll_aware_equals_explicit_roll(steps):
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b)
     # the roll matters: without offsets the result differs
-    assert not torch.allclose(out, _ops.flash_attention(q, k, v, key_padding_mask=mask))
+    assert not torch.allclose(out, layers.flash_attention(q, k, v, key_padding_mask=mask))
 
 
 def test_layer_norm_and_module_contract():
     x, r = randn(4, 6, 16, dtype=torch.float64, device="cpu"), randn(4, 6, 16, dtype=torch.float64, device="cpu")
     w, b = randn(16, dtype=torch.float64, device="cpu"), randn(16, dtype=torch.float64, device="cpu")
-    y = _ops.layer_norm(x, w, b, 1e-6)
+    y = layers.layer_norm(x, w, b, 1e-6)
     torch.testing.assert_close(y, F.layer_norm(x, (16,), w, b, 1e-6))
-    y, h = _ops.layer_norm(x, w, b, 1e-6, r)
+    y, h = layers.layer_norm(x, w, b, 1e-6, r)
     torch.testing.assert_close(h, x + r)
     torch.testing.assert_close(y, F.layer_norm(x + r, (16,), w, b, 1e-6))
-    ln = _ops.LayerNorm(16, eps=1e-6)
+    ln = layers.LayerNorm(16, eps=1e-6)
     assert set(ln.state_dict()) == set(torch.nn.LayerNorm(16).state_dict())
 
 
 def test_attention_is_timm_attention():
     torch.manual_seed(0)
-    attn = _ops.Attention(32, num_heads=4, qkv_bias=True).double()
+    attn = layers.Attention(32, num_heads=4, qkv_bias=True).double()
     assert set(attn.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
     x = randn(2, 7, 32, dtype=torch.float64, device="cpu")
     mask = torch.zeros(2, 7, dtype=torch.bool)
@@ -188,7 +190,7 @@ def test_clip_and_mil_nce_losses():
     s = torch.tensor(7.0, dtype=torch.float64)
     logits = s * a @ b.T
     exp = -(torch.diag(logits.log_softmax(1)).mean() + torch.diag(logits.log_softmax(0)).mean()) / 2
-    torch.testing.assert_close(_ops.clip_loss(a, b, s).double(), exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers.clip_loss(a, b, s).double(), exp, rtol=1e-5, atol=1e-6)
 
     text = F.normalize(randn(B, P, D, dtype=torch.float64, device="cpu"), dim=-1).requires_grad_()
     valid = torch.tensor([True, False, True, True])
@@ -204,17 +206,17 @@ def test_clip_and_mil_nce_losses():
             total = total + torch.logsumexp(torch.stack(den), 0) - torch.logsumexp(torch.stack(num), 0)
         return total / int(valid.sum())
 
-    got = _ops.mil_nce_loss(a, text, s, valid)
+    got = layers.mil_nce_loss(a, text, s, valid)
     torch.testing.assert_close(got.double(), naive(valid), rtol=1e-5, atol=1e-6)
     got.backward()
     assert torch.equal(text.grad[1], torch.zeros_like(text.grad[1]))  # an invalid sample's texts get no gradient
     all_valid = torch.ones(B, dtype=torch.bool)
-    torch.testing.assert_close(_ops.mil_nce_loss(a, text, s).double(), naive(all_valid), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers.mil_nce_loss(a, text, s).double(), naive(all_valid), rtol=1e-5, atol=1e-6)
     # P = 1 is plain NCE: logsumexp over row i and column i of the B x B logits, minus the positive
     t1 = text[:, :1].detach()
     L = s * a @ t1[:, 0].T
     nce = torch.stack([torch.logsumexp(torch.cat([L[i], L[:, i]]), 0) - L[i, i] for i in range(B)]).mean()
-    torch.testing.assert_close(_ops.mil_nce_loss(a, t1, s).double(), nce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layers.mil_nce_loss(a, t1, s).double(), nce, rtol=1e-5, atol=1e-6)
 
 
 # ---- tiny models ---------------------------------------------------------------------------
@@ -248,6 +250,45 @@ def test_vatt_mil_nce_positives():
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert m.text_to_vt.weight.grad.abs().sum() > 0
+
+
+def _mlm_every_position(m, batch, generator):
+    """All-in-one's MLM loss written the eager way: decoder logits over the vocabulary at every text position."""
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    mids, labels = m.mlm_mask(ids, mask, generator)
+    y = m.fused(m.embed_text(mids), mask, m.embed_video(batch["video"]))
+    logits = m.mlm_decoder(m.mlm_transform(y[:, : ids.shape[1]]))
+    n = (labels != -100).sum().clamp_min(1)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n, int((labels != -100).sum())
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_allinone_mlm_at_masked_positions_equals_every_position(backend):
+    """The MLM head at the masked positions only (linear_cross_entropy, no logits) gives the loss and gradients
+    of the eager head over every text position: float64, tiny model (the decoder is not tied to the word
+    embeddings). The Triton path is held to the reference in test_backends_give_equal_losses_and_gradients."""
+    m = tiny("allinone-tiny", tasks=("mlm",)).double()
+    assert m.mlm_decoder.weight.data_ptr() != m.word_embeddings.weight.data_ptr()
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in make_batch(m, B=4).items()}
+    with fastvl.use_backend({"linear_cross_entropy": backend}):
+        new = m(batch, generator=torch.Generator().manual_seed(3))["mlm"]
+    params = [m.mlm_decoder.weight, m.mlm_decoder.bias, m.mlm_transform[0].weight, m.patch_embed.weight]
+    g_new = torch.autograd.grad(new, params)
+    old, n = _mlm_every_position(m, batch, torch.Generator().manual_seed(3))
+    g_old = torch.autograd.grad(old, params)
+    assert n > 0 and new.dtype == torch.float64
+    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_new, g_old):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_allinone_mlm_without_masked_tokens():
+    """No token masked (mlm_prob 0): the MLM loss is 0, not NaN, and the head's gradients are zeros."""
+    m = tiny("allinone-tiny", tasks=("mlm",), mlm_prob=0.0)
+    out = m(make_batch(m))
+    out["loss"].backward()
+    assert out["mlm"].item() == 0.0
+    assert torch.equal(m.mlm_decoder.weight.grad, torch.zeros_like(m.mlm_decoder.weight))
 
 
 def test_allinone_fused_rolling_equals_explicit():
@@ -451,8 +492,12 @@ def test_allinone_b_flops():
     per_sample = (
         2 * _encoder_macs(12, S, C, T) + T * N * 768 * C + _encoder_macs(12, Lt, C) + _encoder_macs(12, 197, C, T)
     )
-    per_sample += Lt * (C * C + C * V) + C * C + 2 * C + 2 * C * 512
-    assert s["flops_train_batch2"].total == 2 * (2 * per_sample + 2 * 2 * 512) == 736_270_354_432
+    # MLM head (transform + decoder) at the masked positions only: round(0.15 * 2 * 40) / 2 = 6 per sample (the full
+    # vocabulary at all 40 text positions was 736_270_354_432 in all)
+    K = 6
+    assert s["mlm_head"]["masked_per_sample"] == K and s["mlm_head"]["flops_masked"] == K * 2 * (C * C + C * V)
+    per_sample += K * (C * C + C * V) + C * C + 2 * C + 2 * C * 512
+    assert s["flops_train_batch2"].total == 2 * (2 * per_sample + 2 * 2 * 512) == 733_002_176_512
 
 
 def test_vatt_mbs_droptoken_flops():

@@ -4,7 +4,7 @@ from scipy.stats import chisquare
 
 import fastvl
 from fastvl import BackendError
-from fastvl.ops.tokens import MODE_DROP, MODE_MASK, _draw_op, gather_reference
+from fastvl.ops.tokens import MODE_DROP, MODE_MASK, draw_op, gather_reference
 from fastvl.testing import assert_close, device, dtypes_to_test, kernel_backends, noncontiguous, randn
 
 DEV = device()
@@ -96,7 +96,7 @@ def test_scatter_many_duplicates(backend):
 
 def _draw(backend, rows, L, K, mode, seed, noise=None):
     s = torch.tensor([seed], dtype=torch.int64, device=DEV)
-    return _draw_op(s, noise, rows, L, K, mode, torch.float32, DEV, backend)
+    return draw_op(s, noise, rows, L, K, mode, torch.float32, DEV, backend)
 
 
 @pytest.mark.parametrize("backend", DRAW_BACKENDS)

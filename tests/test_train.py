@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 
 from fastvl.train import checkpoint as ckpt
-from fastvl.train.evaluate import attribute_accuracy, chance_levels, pair_attribute_accuracy, retrieval_metrics
+from fastvl.train.attributes import attribute_accuracy, pair_attribute_accuracy
 from fastvl.train.loop import Components, NonFiniteLoss, TrainConfig, train
+from fastvl.train.retrieval import chance_levels, retrieval_metrics
 
 N_LABELS, T, HW, LT = 8, 2, 4, 5
 
@@ -113,7 +114,7 @@ def cfg(tmp_path, name, **kw):
 
 def test_resume_equals_uninterrupted(tmp_path):
     a = train(cfg(tmp_path, "a", ckpt_every=4), make_build())
-    assert a["steps"] == 12 and a["skipped"] == 0
+    assert a["steps"] == 12 and a["skipped_steps"] == 0
     with pytest.raises(KeyboardInterrupt):  # crash inside step 11 (after the checkpoint of step 8)
         train(cfg(tmp_path, "b", ckpt_every=4), make_build(model_kw={"crash_at_call": 12}))
     assert ckpt.latest(str(tmp_path / "b")).endswith("ckpt-0000008")
@@ -121,14 +122,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     la, lb = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
     assert sorted(la) == sorted(lb) == list(range(1, 13))
     assert all(la[s] == lb[s] for s in la), (la, lb)  # bit-identical curve after resume
-    wa = torch.load(os.path.join(ckpt.latest(str(tmp_path / "a")), "state.pt"), weights_only=False)
+    wa = torch.load(os.path.join(ckpt.latest(str(tmp_path / "a")), "state.pt"), weights_only=True)
     assert wa["consumed"] == 12  # 64 clips / batch 8 = 8 batches per epoch -> 1.5 epochs
 
 
 def test_epoch_rollover_and_accumulation(tmp_path):
     s = train(cfg(tmp_path, "acc", steps=6, grad_accum=2), make_build())
     assert s["steps"] == 6
-    st = torch.load(os.path.join(ckpt.latest(s["run_dir"]), "state.pt"), weights_only=False)
+    st = torch.load(os.path.join(ckpt.latest(s["run_dir"]), "state.pt"), weights_only=True)
     assert st["consumed"] == 12
 
 
@@ -144,7 +145,7 @@ def test_nan_stops_without_poisoned_checkpoint(tmp_path):
 
 def test_nan_skip_policy(tmp_path):
     s = train(cfg(tmp_path, "skip", on_nan="skip"), make_build(model_kw={"nan_at_call": 5}))
-    assert s["skipped"] == 1 and s["steps"] == 12
+    assert s["skipped_steps"] == 1 and s["steps"] == 12
 
 
 def test_checkpoint_refuses_nonfinite_and_prunes(tmp_path):
@@ -259,9 +260,9 @@ def _ddp_worker(rank, world, port, out_dir, q):
         extra={},
     )
     train(c, make_build(n_train=32, model_kw={"dropout": 0.0}))
-    from fastvl.train import distributed as D
+    from fastvl.train import distributed
 
-    D.cleanup()
+    distributed.cleanup()
     if rank == 0:
         q.put(read_losses(out_dir))
 
@@ -304,3 +305,108 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path):
     single_losses = read_losses(tmp_path / "single")
     for s in range(1, 5):
         assert abs(single_losses[s] - ddp_losses[s]) < 1e-5, (single_losses, ddp_losses)
+
+
+def test_ranks_from_hand_made_similarities_with_ties():
+    from fastvl.train.retrieval import ranks_from_similarity
+
+    sim = torch.tensor(
+        [
+            [0.9, 0.5, 0.1, 0.0],  # correct item 0 is best: rank 0
+            [0.5, 0.5, 0.1, 0.0],  # correct item 1 ties wrong item 0: the tie counts against the query, rank 1
+            [0.2, 0.7, 0.7, 0.7],  # correct items 2 and 3 (equivalent captions) tie with wrong 1: rank 1
+            [0.3, 0.3, 0.3, 0.3],  # a constant row: every wrong item ranks first, rank 3
+        ]
+    )
+    correct = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    assert ranks_from_similarity(sim, correct).tolist() == [0, 1, 1, 3]
+    with pytest.raises(ValueError, match="at least one correct"):
+        ranks_from_similarity(sim, torch.zeros_like(correct))
+
+
+def test_chance_levels_equal_the_average_over_every_ranking():
+    """Exact chance: the mean over all n! orders of the gallery of R@k, and the pooled median rank, for queries
+    with 1, 2 and 3 equivalent correct items."""
+    import itertools
+
+    n, num_correct = 6, [1, 2, 3, 1]
+    hits = {k: 0.0 for k in (1, 2, 5)}
+    pooled = []
+    for order in itertools.permutations(range(n)):
+        for m in num_correct:  # correct items are 0..m-1; the first hit's rank in this order
+            r = min(order.index(i) for i in range(m))
+            pooled.append(r + 1)
+            for k in hits:
+                hits[k] += r < k
+    total = math.factorial(n) * len(num_correct)
+    ch = chance_levels(n, num_correct, ks=(1, 2, 5))
+    for k in hits:
+        assert ch[f"R@{k}"] == pytest.approx(100.0 * hits[k] / total)
+    pooled.sort()
+    assert ch["MdR"] == pooled[(len(pooled) - 1) // 2]  # the lower median of the pooled first-hit ranks
+
+
+def test_video_to_text_ranks_each_distinct_caption_once():
+    """12 clips of 3 captions (4 clips each, identical texts): video->text ranks the 3 distinct captions. A video
+    embedding that picks the right caption first scores R@1 = 100 against chance 1/3; the chance levels of the two
+    directions follow their galleries (12 videos with 4 correct; 3 captions with 1 correct)."""
+    captions = torch.eye(3, 8)  # orthonormal caption embeddings
+    labels = torch.arange(12) % 3
+    text = captions[labels]
+    video = torch.nn.functional.normalize(captions[labels] + 0.05 * torch.randn(12, 8), dim=-1)
+    m = retrieval_metrics(video, text, labels, text_groups=labels)
+    assert m["n"] == 12 and m["n_texts"] == 3
+    assert m["v2t"]["R@1"] == 100.0 and m["v2t"]["MdR"] == 1.0
+    assert m["chance_v2t"]["R@1"] == pytest.approx(100 / 3) and m["chance_v2t"]["R@5"] == 100.0
+    assert m["chance"]["R@1"] == pytest.approx(100 * 4 / 12)
+    # one wrong caption above the right one: rank 2 among distinct captions (R@5 hit), where the 12-item
+    # gallery would have put it at rank 5 (the 4 copies of the wrong caption first)
+    video[0] = torch.nn.functional.normalize(captions[1] + 0.5 * captions[0], dim=-1)
+    m = retrieval_metrics(video, text, labels, text_groups=labels)
+    assert m["v2t"]["R@1"] == pytest.approx(100 * 11 / 12) and m["v2t"]["R@5"] == 100.0
+    old = retrieval_metrics(video, text, labels)  # without text_groups: every text its own gallery item
+    assert old["n_texts"] == 12 and old["v2t"]["R@1"] == pytest.approx(100 * 11 / 12)
+    assert first_rank_without_groups(video[0], text, labels) == 4
+    with pytest.raises(ValueError, match="must share a label"):
+        retrieval_metrics(video, text, labels, text_groups=torch.zeros(12, dtype=torch.long))
+
+
+def first_rank_without_groups(v, text, labels):
+    from fastvl.train.retrieval import first_hit_ranks
+
+    return int(first_hit_ranks(v[None], text, labels[:1], labels)[0])
+
+
+def test_checkpoint_files_and_weights_only_state(tmp_path):
+    s = train(cfg(tmp_path, "w", steps=2), make_build())
+    last = ckpt.latest(s["run_dir"])
+    assert oct(os.stat(os.path.join(last, "model.safetensors")).st_mode & 0o777) == oct(ckpt.file_mode())
+    assert oct(os.stat(os.path.join(last, "state.pt")).st_mode & 0o777) == oct(ckpt.file_mode())
+    state = torch.load(os.path.join(last, "state.pt"), weights_only=True)  # tensors and plain values only
+    assert state["step"] == 2 and "optimizer" in state and "scheduler" in state and state["skipped_steps"] == 0
+    import numpy as np
+
+    np.random.seed(5)
+    before = ckpt.rng_state()
+    draws = np.random.rand(3)
+    ckpt.set_rng_state(torch.load(os.path.join(last, "state.pt"), weights_only=True)["rng"])
+    ckpt.set_rng_state(before)
+    assert np.array_equal(np.random.rand(3), draws)  # numpy's state round-trips through plain values
+
+
+def test_summary_and_plot_survive_a_failing_evaluation(tmp_path):
+    def build(c, info):
+        comp = make_build()(c, info)
+
+        def broken():
+            raise ValueError("the held-out data is unreadable")
+            yield
+
+        comp.eval_batches = broken
+        return comp
+
+    with pytest.raises(ValueError, match="unreadable"):
+        train(cfg(tmp_path, "evalfail", steps=2, eval=True), build)
+    summary = json.load(open(tmp_path / "evalfail" / "summary.json"))
+    assert summary["eval_error"] == "ValueError: the held-out data is unreadable" and summary["steps"] == 2
+    assert (tmp_path / "evalfail" / "curves.png").exists() and ckpt.latest(str(tmp_path / "evalfail"))

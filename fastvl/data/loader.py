@@ -29,7 +29,7 @@ SYNTHETIC_SIZES = {"train": 1024, "val": 256}
 
 def spec_kind(spec: str) -> str:
     """``"synthetic"``, ``"manifest"`` (``.csv`` / ``.jsonl``) or ``"shards"`` (``.tar`` / brace pattern)."""
-    from fastvl.data.shards import is_shard_spec
+    from fastvl.data.shard_names import is_shard_spec
 
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"open_dataset: 'spec' must be a non-empty string, got {spec!r}")
@@ -283,6 +283,39 @@ class Loader:
                 self.sampler.start = 0
 
 
+def check_loader_arguments(batch_size: int, num_workers: int, rank: int, world_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"build_loader: 'batch_size' must be a positive int, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"build_loader: 'num_workers' must be an int >= 0, got {num_workers!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"build_loader: 'rank' must be in [0, world_size={world_size}), got {rank}")
+
+
+def resolve_tokenizer(tokenizer: Tokenizer | str | os.PathLike | None, dataset, vocab_size: int) -> Tokenizer:
+    """A :class:`Tokenizer` as given, loaded from a directory, or trained on the dataset's captions."""
+    if tokenizer is None:
+        return Tokenizer.train(dataset.captions(), vocab_size=vocab_size)
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    return Tokenizer.load(tokenizer)
+
+
+def make_sampler(dataset, rank: int, world_size: int, train: bool, seed: int, drop_last: bool):
+    """A :class:`DistributedSampler` for a map-style dataset; None for shards (they split themselves, and must
+    have been built for this rank)."""
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        return DistributedSampler(
+            len(dataset), rank=rank, world_size=world_size, shuffle=train, seed=seed, drop_last=drop_last
+        )
+    if (getattr(dataset, "rank", rank), getattr(dataset, "world_size", world_size)) != (rank, world_size):
+        raise ValueError(
+            f"build_loader: the shard dataset was built for rank {dataset.rank} of {dataset.world_size}, "
+            f"not rank {rank} of {world_size}"
+        )
+    return None
+
+
 def build_loader(
     dataset_or_spec,
     batch_size: int,
@@ -311,12 +344,7 @@ def build_loader(
     :class:`Tokenizer`, a directory to load one from, or None to train one (``vocab_size``) on the dataset's
     captions. ``pin_memory`` defaults to ``torch.cuda.is_available()``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"build_loader: 'batch_size' must be a positive int, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"build_loader: 'num_workers' must be an int >= 0, got {num_workers!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"build_loader: 'rank' must be in [0, world_size={world_size}), got {rank}")
+    check_loader_arguments(batch_size, num_workers, rank, world_size)
     if isinstance(dataset_or_spec, (str, os.PathLike)):
         dataset = open_dataset(
             os.fspath(dataset_or_spec),
@@ -331,23 +359,8 @@ def build_loader(
         if dataset_kwargs:
             raise TypeError(f"build_loader: unexpected arguments for a dataset object: {sorted(dataset_kwargs)}")
         dataset = dataset_or_spec
-    if tokenizer is None:
-        tokenizer = Tokenizer.train(dataset.captions(), vocab_size=vocab_size)
-    elif not isinstance(tokenizer, Tokenizer):
-        tokenizer = Tokenizer.load(tokenizer)
+    tokenizer = resolve_tokenizer(tokenizer, dataset, vocab_size)
     drop_last = train if drop_last is None else drop_last
-    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-    if iterable:
-        if (getattr(dataset, "rank", rank), getattr(dataset, "world_size", world_size)) != (rank, world_size):
-            raise ValueError(
-                f"build_loader: the shard dataset was built for rank {dataset.rank} of {dataset.world_size}, "
-                f"not rank {rank} of {world_size}"
-            )
-        sampler = None
-    else:
-        sampler = DistributedSampler(
-            len(dataset), rank=rank, world_size=world_size, shuffle=train, seed=seed, drop_last=drop_last
-        )
     dl: dict[str, Any] = dict(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -359,7 +372,7 @@ def build_loader(
         dataset,
         batch_size,
         collate=Collate(tokenizer, max_len),
-        sampler=sampler,
+        sampler=make_sampler(dataset, rank, world_size, train, seed, drop_last),
         train=train,
         drop_last=drop_last,
         seed=seed,

@@ -1,26 +1,20 @@
-"""WebDataset-format tar shards, written and read with the standard library's ``tarfile``.
+"""Streaming WebDataset-format tar shards (:class:`ShardDataset`); names in :mod:`fastvl.data.shard_names`,
+the writer in :mod:`fastvl.data.shard_writer`.
 
-A sample is three consecutive tar members sharing a key: ``<key>.mp4`` (the clip), ``<key>.txt`` (its first
-caption) and ``<key>.json`` (``captions``, ``label``, ``index``, ``split``, optional ``start``/``end``), which
-is the layout ``webdataset`` itself reads. Patterns use WebDataset's brace notation
-(``'shards/{000..009}.tar'``, ``{a,b}`` lists, several braces) or shell globs.
-
-Reading (:class:`ShardDataset`, an ``IterableDataset``) splits the shards over ranks and DataLoader workers
-(over samples instead when there are fewer shards than readers), shuffles the shard order per epoch (same on
-every rank, so ranks read disjoint shards) and samples with a seeded buffer per (epoch, rank, worker). Every
-rank yields the same number of samples per epoch (``total // world_size``, wrapping around its own shards when
-short), so DDP ranks stay in lockstep; ``skip`` resumes mid-epoch without decoding the skipped samples.
+Reading splits the shards over ranks and DataLoader workers (over samples instead when there are fewer shards
+than readers), shuffles the shard order per epoch (same on every rank, so ranks read disjoint shards) and
+samples with a seeded buffer per (epoch, rank, worker). Every rank yields the same number of samples per epoch
+(``total // world_size``, wrapping around its own shards when short), so DDP ranks stay in lockstep; ``skip``
+resumes mid-epoch without decoding the skipped samples. At construction every shard is scanned once for the
+split and captions of its samples (local shards: headers and the small text members only).
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
 import random
-import re
-import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -28,209 +22,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from fastvl.data.decode import decode_clip, resolve_decoder
+from fastvl.data.decode_common import SkippedVideoWarning
+from fastvl.data.manifest import split_matches
+from fastvl.data.shard_names import expand_pattern, is_remote
+from fastvl.data.shard_reader import iter_tar, scan_shard
+from fastvl.data.skips import SkipCounter
 from fastvl.data.transforms import normalize_hwc
-from fastvl.data.video import (
-    SkippedVideoWarning,
-    decode_clip,
-    encode_mp4_bytes,
-    require_av,
-    select_split,
-    split_matches,
-)
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_pattern(pattern: str | Sequence[str]) -> list[str]:
-    """Expand WebDataset brace patterns: ``'s/{000..003}.tar'`` -> 4 names (zero-padded like the lower bound),
-    ``'{a,b}'`` -> alternatives, several braces multiply; ``::`` separates several patterns; a pattern with
-    ``*`` or ``?`` is a glob (sorted). A list of patterns expands each."""
-    if not isinstance(pattern, str):
-        return [p for pat in pattern for p in expand_pattern(pat)]
-    if "::" in pattern:
-        return expand_pattern(pattern.split("::"))
-    m = _BRACE.search(pattern)
-    if m is None:
-        if any(ch in pattern for ch in "*?["):
-            return sorted(glob.glob(pattern))
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        if int(hi) < int(lo):
-            raise ValueError(f"expand_pattern: empty range {{{body}}} in {pattern!r}")
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise ValueError(f"expand_pattern: cannot expand {{{body}}} in {pattern!r} (use {{000..009}} or {{a,b}})")
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    return [p for opt in options for p in expand_pattern(head + opt + tail)]
-
-
-def is_shard_spec(spec: str) -> bool:
-    return isinstance(spec, str) and (spec.endswith(".tar") or bool(_BRACE.search(spec)) and ".tar" in spec)
-
-
-# ---- writing -----------------------------------------------------------------------------------
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible shards
-    info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _samples_from(source, split: str | None) -> Iterator[dict]:
-    """(mp4 bytes, metadata) for a synthetic dataset (encoded in memory), a VideoDataset / manifest (the file's
-    bytes, start/end kept), or an iterable of dicts with ``mp4`` and ``captions``."""
-    from fastvl.data.synthetic import SyntheticVideoText
-    from fastvl.data.video import VideoDataset, read_manifest
-
-    if isinstance(source, str):
-        source = read_manifest(source)
-    if isinstance(source, SyntheticVideoText):
-        c = source.config
-        for i in range(len(source)):
-            raw = source.render(i)
-            mp4 = encode_mp4_bytes(raw["frames"], c.fps, raw["audio"], c.audio_rate if c.audio else None)
-            yield {"mp4": mp4, "captions": raw["captions"], "label": raw["label"], "split": source.split}
-        return
-    if isinstance(source, VideoDataset):
-        entries = [(e, lab) for e, lab in zip(source.entries, source.labels)]
-    elif isinstance(source, list) and source and hasattr(source[0], "video"):
-        ids: dict[str, int] = {}
-        entries = [(e, e.label if e.label is not None else ids.setdefault(e.captions[0], len(ids))) for e in source]
-    else:
-        yield from source
-        return
-    kept = select_split([e for e, _ in entries], split, "the manifest")
-    keep = {id(e) for e in kept}
-    for e, label in entries:
-        if id(e) not in keep:
-            continue
-        try:
-            with open(e.video, "rb") as f:
-                mp4 = f.read()
-        except OSError as err:
-            warnings.warn(f"fastvl.data: not sharding {e.video}: {err}", SkippedVideoWarning, stacklevel=2)
-            continue
-        meta = {"mp4": mp4, "captions": e.captions, "label": label, "split": e.split}
-        if e.start is not None:
-            meta["start"] = e.start
-        if e.end is not None:
-            meta["end"] = e.end
-        yield meta
-
-
-def write_shards(source, pattern: str, per_shard: int, *, split: str | None = None) -> list[str]:
-    """Write ``source`` (a SyntheticVideoText, a VideoDataset, a manifest path or entries, or an iterable of
-    ``{"mp4": bytes, "captions": [...], "label": int, ...}``) into tar shards of ``per_shard`` samples named by
-    ``pattern`` (e.g. ``'out/{000..099}.tar'``; the range must hold enough names, the surplus is left unwritten).
-    Each shard is written to a temporary name and renamed. Returns the paths written, in order."""
-    if isinstance(per_shard, bool) or not isinstance(per_shard, int) or per_shard < 1:
-        raise ValueError(f"write_shards: 'per_shard' must be a positive int, got {per_shard!r}")
-    names = expand_pattern(pattern)
-    if len(names) < 1 or len(set(names)) != len(names):
-        raise ValueError(f"write_shards: pattern {pattern!r} must expand to distinct shard names, got {names[:4]}")
-    written: list[str] = []
-    tar = None
-    count = 0
-
-    def close():
-        nonlocal tar
-        if tar is not None:
-            tar.close()
-            os.replace(written[-1] + ".tmp", written[-1])
-            tar = None
-
-    for sample in _samples_from(source, split):
-        if count % per_shard == 0:
-            close()
-            shard = count // per_shard
-            if shard >= len(names):
-                raise ValueError(
-                    f"write_shards: pattern {pattern!r} names {len(names)} shards of {per_shard}, "
-                    f"too few for the data (more than {len(names) * per_shard} samples)"
-                )
-            os.makedirs(os.path.dirname(os.path.abspath(names[shard])), exist_ok=True)
-            written.append(names[shard])
-            tar = tarfile.open(names[shard] + ".tmp", "w", format=tarfile.USTAR_FORMAT)
-        key = f"{count:09d}"
-        caps = sample["captions"]
-        caps = [caps] if isinstance(caps, str) else list(caps)
-        meta = {k: v for k, v in sample.items() if k not in ("mp4", "captions")}
-        meta.update(captions=caps, index=count)
-        _tar_add(tar, f"{key}.mp4", sample["mp4"])
-        _tar_add(tar, f"{key}.txt", caps[0].encode("utf-8"))
-        _tar_add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
-        count += 1
-    close()
-    if not written:
-        raise ValueError("write_shards: the source has no samples")
-    return written
-
-
-def compact_pattern(paths: Sequence[str]) -> str:
-    """``['d/000.tar', ..., 'd/006.tar']`` -> ``'d/{000..006}.tar'`` (when the names are such a run)."""
-    m0 = re.fullmatch(r"(.*?)(\d+)(\.tar)", paths[0])
-    if len(paths) > 1 and m0:
-        head, first, tail = m0.groups()
-        want = [f"{head}{str(int(first) + i).zfill(len(first))}{tail}" for i in range(len(paths))]
-        if list(paths) == want:
-            return f"{head}{{{first}..{str(int(first) + len(paths) - 1).zfill(len(first))}}}{tail}"
-    return "::".join(paths)
-
-
-# ---- reading -----------------------------------------------------------------------------------
-
-
-def iter_tar(path: str) -> Iterator[dict]:
-    """Samples of one shard as dicts ``{"__key__": key, ext: bytes, ...}`` (WebDataset grouping: consecutive
-    members with the same key, the key being the member name up to the first dot of its base name)."""
-    with tarfile.open(path, "r|*") as tar:
-        current: dict | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = os.path.split(member.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = os.path.join(dirname, stem)
-            data = tar.extractfile(member).read()
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = data
-        if current is not None:
-            yield current
-
-
-def scan_shard(path: str) -> list[str | None]:
-    """The ``split`` of every sample of a shard, in order (None when a sample has no json or no split); reads
-    the tar headers and the small ``.json`` members only."""
-    order: dict[str, str | None] = {}
-    with tarfile.open(path, "r") as tar:
-        for m in tar.getmembers():
-            dirname, base = os.path.split(m.name)
-            if not m.isfile() or "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = os.path.join(dirname, stem)
-            order.setdefault(key, None)
-            if ext == "json":
-                try:
-                    order[key] = json.loads(tar.extractfile(m).read()).get("split")
-                except (ValueError, AttributeError):
-                    pass
-    return list(order.values())
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -262,13 +60,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         epoch: int = 0,
         min_frames: int | None = None,
         equalize: bool | None = None,
+        decoder: str | None = None,
     ):
-        require_av()
+        decoder = resolve_decoder(decoder)  # ImportError naming what to install when no decoder works
         self.spec = urls if isinstance(urls, str) else "::".join(urls)
         self.urls = expand_pattern(urls)
         if not self.urls:
             raise ValueError(f"ShardDataset: {self.spec!r} matches no shard")
-        missing = [u for u in self.urls if not os.path.isfile(u)]
+        missing = [u for u in self.urls if not is_remote(u) and not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(
                 f"ShardDataset: {len(missing)} of {len(self.urls)} shards of {self.spec!r} are missing, "
@@ -285,7 +84,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.min_frames = min_frames
         self.equalize = self.train if equalize is None else bool(equalize)
-        self._kept = [[self._keep(v) for v in scan_shard(u)] for u in self.urls]  # per sample: in the split?
+        self.decoder = decoder
+        self.shard_index = [scan_shard(u) for u in self.urls]
+        self._kept = [[self._keep(v) for v in ix.splits] for ix in self.shard_index]  # per sample: in the split?
         self.counts = [len(k) for k in self._kept]  # samples per shard (all splits)
         self.total = sum(sum(k) for k in self._kept)  # samples of the requested split
         if self.total == 0:
@@ -294,7 +95,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 + (f" of split {split!r}" if split is not None and sum(self.counts) else "")
             )
         self._skip: list[int] | None = None
-        self._counts = torch.zeros(2, 256, dtype=torch.int64).share_memory_()
+        self.skips = SkipCounter()
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch: ``total // world_size`` when equalising (training), else the
@@ -361,7 +162,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     @property
     def skipped(self) -> int:
-        return int(self._counts[0].sum())
+        return self.skips.total("skipped")
 
     @property
     def audio_samples(self) -> int:
@@ -375,13 +176,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._skip = per_worker
 
     def captions(self) -> list[str]:
-        out = []
-        for u in self.urls:
-            for s in iter_tar(u):
-                if "json" in s:
-                    out.extend(json.loads(s["json"]).get("captions", []))
-                elif "txt" in s:
-                    out.append(s["txt"].decode("utf-8"))
+        """Every caption of the split's samples, from the scan made at construction (no video is read)."""
+        out: list[str] = []
+        for ix, kept in zip(self.shard_index, self._kept):
+            for caps, keep in zip(ix.captions, kept):
+                if keep:
+                    out.extend(caps)
         return out
 
     def _raw_stream(self, worker: int, num_workers: int) -> Iterator[dict]:
@@ -430,7 +230,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         quota = self.worker_quota(worker, num_workers)
         skip = self._skip[worker] if self._skip else 0
-        slot = 0 if info is None else 1 + info.id % 255
         n = fails = 0
         for raw in self._raw_stream(worker, num_workers):
             if n >= quota:
@@ -440,7 +239,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 continue
             item = self._decode(raw)
             if item is None:  # undecodable: counted, and the next sample takes its place in the quota
-                self._counts[0, slot] += 1
+                self.skips.add("skipped")
                 fails += 1
                 if fails > self.total:
                     raise RuntimeError(f"ShardDataset: no readable video in the shards of {self.spec!r}")
@@ -466,6 +265,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 min_frames=self.min_frames,
                 audio_rate=self.audio_rate if self.audio else None,
                 audio_samples=self.audio_samples if self.audio else None,
+                decoder=self.decoder,
             )
         except Exception as e:
             msg = f"fastvl.data: skipping shard sample {key} of {self.spec}: {type(e).__name__}: {e}"

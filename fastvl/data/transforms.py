@@ -1,10 +1,9 @@
-"""Frame transforms shared by the datasets: CLIP normalisation, resize of the shorter side, crop."""
+"""Frame transforms shared by the datasets: CLIP normalisation and the shorter-side resize size."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,22 +44,3 @@ def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
     if height <= width:
         return size, max(size, int(round(width * size / height)))
     return max(size, int(round(height * size / width))), size
-
-
-def resize_crop(
-    frames: torch.Tensor, size: int, *, train: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): shorter side resized to ``size`` (antialiased bilinear,
-    skipped when already there), then one crop for all frames: random for training, central otherwise.
-    No flip: a mirrored clip would contradict captions that say left or right."""
-    T, C, H, W = frames.shape
-    h, w = short_side_size(H, W, size)
-    if (h, w) != (H, W):
-        x = F.interpolate(frames.to(torch.float32), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-        frames = x.round_().clamp_(0, 255).to(torch.uint8)
-    if train:
-        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
-    else:
-        top, left = (h - size) // 2, (w - size) // 2
-    return frames[:, :, top : top + size, left : left + size]

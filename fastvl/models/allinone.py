@@ -6,7 +6,8 @@ the frame's CLS + patches (patch embedding + positions, temporal embedding on pa
 attention, nothing copied; ``"explicit"``: ``fastvl.ops.temporal_token_roll``); the frame average of all
 tokens feeds the heads. Pretraining losses: VTM (half the pairs get another video of the batch, one whose
 caption differs: uniformly, or by VTC similarity with ``vtm_negatives="hard"``; pooler on the text CLS -> 2
-classes), MLM (15% of real tokens, 80/10/10) and VTC (unimodal passes without rolling, as in the paper's
+classes), MLM (15% of real tokens, 80/10/10; the head and its vocabulary loss run at the masked positions only,
+the logits never materialised) and VTC (unimodal passes without rolling, as in the paper's
 code, or with rolling in the video pass with ``video_roll=True``; Linear to 512, temperature 0.05, symmetric).
 """
 
@@ -18,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+from fastvl import rules
+
+from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device, sincos_1d, sincos_2d
 from .blocks import Encoder, Roll
 
@@ -96,7 +99,7 @@ class AllInOne(VLModel):
         # text embeddings (BERT-style: word + position, LayerNorm)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, C)
         self.text_pos_embed = nn.Parameter(torch.zeros(cfg.max_text_len, C))
-        self.text_norm = _ops.LayerNorm(C, eps=cfg.eps, backend=backend)
+        self.text_norm = layers.LayerNorm(C, eps=cfg.eps, backend=backend)
         # video embeddings (ViT patch embedding + CLS + positions) and temporal embedding on patches
         self.patch_embed = nn.Conv2d(3, C, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
@@ -107,7 +110,9 @@ class AllInOne(VLModel):
         # heads
         self.pooler = nn.Linear(C, C)
         self.vtm_head = nn.Linear(C, 2)
-        self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), _ops.LayerNorm(C, eps=cfg.eps, backend=backend))
+        self.mlm_transform = nn.Sequential(
+            nn.Linear(C, C), nn.GELU(), layers.LayerNorm(C, eps=cfg.eps, backend=backend)
+        )
         self.mlm_decoder = nn.Linear(C, cfg.vocab_size)
         self.vtc_text_proj = nn.Linear(C, cfg.vtc_dim)
         self.vtc_video_proj = nn.Linear(C, cfg.vtc_dim)
@@ -168,7 +173,7 @@ class AllInOne(VLModel):
 
     def _roll(self, T: int, text_len: int, L: int) -> Roll | None:
         cfg = self.config
-        f = int(L * cfg.roll_fraction + 1e-9)
+        f = rules.roll_count(L, cfg.roll_fraction)
         if cfg.rolling == "none" or T == 1 or f == 0:
             return None
         return Roll(T, text_len, cfg.roll_fraction, cfg.rolling)
@@ -239,6 +244,27 @@ class AllInOne(VLModel):
         new = torch.where(chosen & (r >= 0.8) & (r < 0.9), rand_ids, new)
         return new, torch.where(chosen, ids, torch.full_like(ids, -100))
 
+    def mlm_positions(self, text: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused text tokens ``text (B, Lt, C)`` at the masked positions and their labels: ``(n, C)``, ``(n,)``
+        for the ``n`` labels that are not -100, in row-major order. On the meta device (``describe()``: shapes
+        only) the positions are a stand-in of the expected count, ``round(mlm_prob * B * Lt)``."""
+        tokens, flat = text.flatten(0, 1), labels.flatten()
+        if labels.device.type == "meta":
+            k = round(self.config.mlm_prob * labels.numel())
+            return tokens[:k], flat[:k]
+        idx = (flat != -100).nonzero().squeeze(1)
+        return tokens.index_select(0, idx), flat.index_select(0, idx)
+
+    def mlm_loss(self, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MLM loss of the fused text tokens ``text (B, Lt, C)`` against ``labels (B, Lt)`` (-100: not masked): the
+        head (transform, LayerNorm, decoder) runs at the masked positions only, and the decoder's logits over the
+        vocabulary are never materialised (``linear_cross_entropy``). Mean over the masked tokens (0 if none)."""
+        hidden, targets = self.mlm_positions(text, labels)
+        h = self.mlm_transform(hidden)
+        dec = self.mlm_decoder
+        loss = layers.linear_cross_entropy(h, dec.weight, dec.bias, targets, reduction="sum", backend=self.backend)
+        return loss / max(1, targets.shape[0])
+
     def vtm_pairs(
         self,
         ids: torch.Tensor,
@@ -283,13 +309,11 @@ class AllInOne(VLModel):
         if "vtc" in cfg.tasks:
             t, vv = self._vtc_text(ids, mask), self._vtc_video(v)
             scale = torch.tensor(1.0 / cfg.vtc_temperature, device=t.device)
-            losses["vtc"] = _ops.clip_loss(vv, t, scale, backend=self.backend)
+            losses["vtc"] = layers.clip_loss(vv, t, scale, backend=self.backend)
         if "mlm" in cfg.tasks:
             mids, labels = self.mlm_mask(ids, mask, generator)
             y = self.fused(self.embed_text(mids), mask, v)
-            logits = self.mlm_decoder(self.mlm_transform(y[:, : ids.shape[1]])).float()
-            n = (labels != -100).sum().clamp_min(1)
-            losses["mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n
+            losses["mlm"] = self.mlm_loss(y[:, : ids.shape[1]], labels)
         if "vtm" in cfg.tasks:
             sim = (t @ vv.t()) / cfg.vtc_temperature if cfg.vtm_negatives == "hard" else None
             vidx, labels = self.vtm_pairs(ids, mask, generator, sim)

@@ -13,9 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-import fastvl.ops
-
-from ._ops import Attention, LayerNorm, roll_frame_offsets
+from .layers import Attention, LayerNorm, roll_frame_offsets, temporal_token_roll
 
 
 class Mlp(nn.Module):
@@ -137,6 +135,6 @@ class Encoder(nn.Module):
         return self.norm(hidden, residual)[0]
 
     def _roll(self, x: torch.Tensor, roll: Roll) -> torch.Tensor:
-        return fastvl.ops.temporal_token_roll(
+        return temporal_token_roll(
             x, roll.num_frames, text_len=roll.text_len, fraction=roll.fraction, backend=self.backend
         )

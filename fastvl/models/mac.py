@@ -19,9 +19,9 @@ import math
 import torch
 from torch import nn
 
-import fastvl.ops
+from fastvl import rules
 
-from . import _ops
+from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device
 from .blocks import Encoder
 
@@ -82,7 +82,7 @@ class MAC(VLModel):
         # text encoder
         self.word_embeddings = nn.Embedding(cfg.vocab_size, tc)
         self.text_pos_embed = nn.Parameter(torch.zeros(cfg.max_text_len, tc))
-        self.text_norm = _ops.LayerNorm(tc, eps=cfg.eps, backend=backend)
+        self.text_norm = layers.LayerNorm(tc, eps=cfg.eps, backend=backend)
         self.text_encoder = Encoder(td, tc, th, cfg.mlp_ratio, True, cfg.eps, cfg.drop, backend)
         self.text_proj = nn.Linear(tc, cfg.proj_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
@@ -113,7 +113,7 @@ class MAC(VLModel):
         x = self.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, N, C)
         pos = self.pos_spatial.to(x.dtype)
         if mask_ratio > 0:
-            x = fastvl.ops.random_masking(x, mask_ratio, noise=noise, pos=pos, backend=self.backend)[0]
+            x = layers.random_masking(x, mask_ratio, noise=noise, pos=pos, backend=self.backend)[0]
         else:
             x = x + pos
         K, C = x.shape[1:]
@@ -141,11 +141,11 @@ class MAC(VLModel):
         elif tuple(noise.shape) != (B, Lt - 1):
             raise ValueError(f"MAC: text noise must have shape (B, Lt - 1)=({B}, {Lt - 1}), got {tuple(noise.shape)}")
         noise = torch.where(real, noise.float(), noise.float() + 2.0)  # padding sorts after every real token
-        K = int((Lt - 1) * (1 - ratio) + 1e-6)
+        K = rules.keep_count(Lt - 1, 1 - ratio)
         if K < 1:
             return x[:, :1], mask[:, :1]
-        vis = fastvl.ops.random_masking(rest, 1 - K / (Lt - 1), noise=noise, backend=self.backend)[0]
-        n_keep = (real.sum(1) * (1 - ratio) + 1e-6).floor().long()
+        vis = layers.random_masking(rest, 1 - K / (Lt - 1), noise=noise, backend=self.backend)[0]
+        n_keep = rules.keep_count(real.sum(1), 1 - ratio)
         keep = torch.arange(K, device=x.device)[None] < n_keep[:, None]
         return torch.cat([x[:, :1], vis], dim=1), torch.cat([mask[:, :1], keep], dim=1)
 
@@ -180,10 +180,10 @@ class MAC(VLModel):
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         v = l2norm(self.video_proj(self.video_features(video, vr, noise.get("video"))))
         t = l2norm(self.text_proj(self.text_features(ids, mask, tr, noise.get("text"), generator)))
-        out = {"vtc_masked": _ops.clip_loss(v, t, scale, backend=self.backend)}
+        out = {"vtc_masked": layers.clip_loss(v, t, scale, backend=self.backend)}
         if cfg.full_views and (vr > 0 or tr > 0):
             vf = l2norm(self.video_proj(self.video_features(video)))
             tf = l2norm(self.text_proj(self.text_features(ids, mask)))
-            out["vtc_full"] = _ops.clip_loss(vf, tf, scale, backend=self.backend)
+            out["vtc_full"] = layers.clip_loss(vf, tf, scale, backend=self.backend)
         out["loss"] = sum(out.values())
         return out

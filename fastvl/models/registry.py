@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from . import flops as _flops
+from . import flops
 from .allinone import AllInOne
 from .mac import MAC
 from .vatt import VATT
@@ -119,12 +119,22 @@ def _model_stats(name: str) -> dict[str, Any]:
         b = example_batch(m, 1)
         m.eval()
         out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px, {cfg.max_text_len} text tokens"
-        out["flops_fused"] = _flops.count(
+        out["flops_fused"] = flops.count(
             lambda: m.fused(m.embed_text(b["text_ids"]), b["text_mask"], m.embed_video(b["video"]))
         )
         m.train()
         b2 = example_batch(m, 2)
-        out["flops_train_batch2"] = _flops.count(lambda: m(b2))
+        out["flops_train_batch2"] = flops.count(lambda: m(b2))
+        # the MLM head (transform Linear + vocabulary decoder, forward) runs at the masked positions only; on the
+        # meta batch of 2 they are round(mlm_prob * 2 * Lt) positions, the expected count (mlm_positions)
+        per_position = 2 * (cfg.dim * cfg.dim + cfg.dim * cfg.vocab_size)
+        masked = round(cfg.mlm_prob * 2 * cfg.max_text_len) / 2
+        out["mlm_head"] = {
+            "masked_per_sample": masked,
+            "text_tokens": cfg.max_text_len,
+            "flops_masked": masked * per_position,
+            "flops_every_position": cfg.max_text_len * per_position,
+        }
     elif isinstance(m, VATT):
         bb = {}
         for mod in ("video", "audio", "text"):
@@ -141,19 +151,19 @@ def _model_stats(name: str) -> dict[str, Any]:
         )
         m.eval()
         out["flops_drop"] = {
-            d: _flops.count(lambda d=d: m.backbones_forward(b, keep_rate=1 - d / 100)) for d in (0, 25, 50, 75)
+            d: flops.count(lambda d=d: m.backbones_forward(b, keep_rate=1 - d / 100)) for d in (0, 25, 50, 75)
         }
         m.train()
         b2 = example_batch(m, 2)
-        out["flops_train_batch2"] = _flops.count(lambda: m(b2))
+        out["flops_train_batch2"] = flops.count(lambda: m(b2))
         out["keep_rate"] = cfg.keep_rate
     else:
         b = example_batch(m, 1)
         m.train()
         out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px, {cfg.max_text_len} text tokens"
-        out["flops_masked"] = _flops.count(lambda: m(b))
+        out["flops_masked"] = flops.count(lambda: m(b))
         m.config.video_mask_ratio = m.config.text_mask_ratio = 0.0
-        out["flops_unmasked"] = _flops.count(lambda: m(b))
+        out["flops_unmasked"] = flops.count(lambda: m(b))
         out["params_video"] = sum(
             p.numel() for n, p in m.named_parameters() if n.startswith(("patch_embed", "cls", "pos_", "video_"))
         )
@@ -190,7 +200,7 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
 
     w(f"== model {name} ({s['family']}) ==")
     w(f"  parameters        {s['params']:,}")
-    w(f"  FLOPs convention  {_flops.CONVENTION}; per sample at {s['inputs']}")
+    w(f"  FLOPs convention  {flops.CONVENTION}; per sample at {s['inputs']}")
     if s["family"] == "AllInOne":
         pe = s["params_excl_mlm_decoder"]
         extra = f"  (paper {p['params'] / 1e6:.0f}M: {_pct(pe, p['params'])})" if "params" in p else ""
@@ -203,6 +213,12 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
         )
         t = s["flops_train_batch2"]
         w(f"  training forward (MLM + VTM fused passes, 2 unimodal VTC passes) per sample: {_g(t.total / 2)} GFLOPs")
+        h = s["mlm_head"]
+        w(
+            f"  of which the MLM head (transform + vocabulary decoder) at the masked positions only, "
+            f"{h['masked_per_sample']:g} of {h['text_tokens']} text tokens (mlm_prob): {_g(h['flops_masked'])} GFLOPs "
+            f"(at every text position it would be {_g(h['flops_every_position'])})"
+        )
     elif s["family"] == "VATT":
         for mod, n in s["backbone_params"].items():
             size = s["backbone_paper_size"].get(mod)

@@ -19,9 +19,9 @@ import dataclasses
 import torch
 from torch import nn
 
-import fastvl.ops
+from fastvl import rules
 
-from . import _ops
+from . import layers
 from ._common import FLOAT_DTYPES, BatchChecker, VLModel, l2norm
 from .blocks import Encoder
 
@@ -68,7 +68,7 @@ class VideoTokenizer(nn.Module):
         self.pos_t = nn.Parameter(torch.zeros(cfg.num_frames // self.pt, dim))
         self.pos_h = nn.Parameter(torch.zeros(cfg.img_size // self.ps, dim))
         self.pos_w = nn.Parameter(torch.zeros(cfg.img_size // self.ps, dim))
-        self.pos_norm = _ops.LayerNorm(dim, eps=cfg.eps, backend=backend)
+        self.pos_norm = layers.LayerNorm(dim, eps=cfg.eps, backend=backend)
 
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, Cin, H, W = video.shape
@@ -87,7 +87,7 @@ class AudioTokenizer(nn.Module):
         self.patch = cfg.audio_patch
         self.proj = nn.Linear(self.patch, dim)
         self.pos = nn.Parameter(torch.zeros(cfg.max_audio_tokens, dim))
-        self.pos_norm = _ops.LayerNorm(dim, eps=cfg.eps, backend=backend)
+        self.pos_norm = layers.LayerNorm(dim, eps=cfg.eps, backend=backend)
 
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L = audio.shape[1] // self.patch
@@ -103,7 +103,7 @@ class TextTokenizer(nn.Module):
         self.proj = nn.Linear(cfg.text_embed_dim, dim)
         self.act = nn.GELU() if act else nn.Identity()
         self.pos = nn.Parameter(torch.zeros(cfg.max_text_len, dim))
-        self.pos_norm = _ops.LayerNorm(dim, eps=cfg.eps, backend=backend)
+        self.pos_norm = layers.LayerNorm(dim, eps=cfg.eps, backend=backend)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.act(self.proj(self.embed(ids))), self.pos_norm(self.pos[: ids.shape[1]])
@@ -130,8 +130,7 @@ class VATT(VLModel):
                 f"VATT: num_frames={cfg.num_frames} / img_size={cfg.img_size} must be divisible by the patch "
                 f"{cfg.patch_t}x{cfg.patch_s}x{cfg.patch_s}"
             )
-        if not 0 < cfg.keep_rate <= 1:
-            raise ValueError(f"VATT: keep_rate must be in (0, 1], got {cfg.keep_rate}")
+        rules.keep_rate("VATT", cfg.keep_rate)
         self.config = cfg
         sizes = {m: (cfg.video if cfg.agnostic else getattr(cfg, m)) for m in MODALITIES}
         width = {m: sizes[m][1] for m in MODALITIES}
@@ -214,12 +213,12 @@ class VATT(VLModel):
         if keep_rate >= 1.0:
             return x + pos
         if noise is None:
-            return fastvl.ops.drop_tokens(x, keep_rate, pos=pos, backend=self.backend)[0]
+            return layers.drop_tokens(x, keep_rate, pos=pos, backend=self.backend)[0]
         if tuple(noise.shape) != (L,):
             raise ValueError(f"VATT: DropToken noise must have shape (L,)=({L},), got {tuple(noise.shape)}")
-        K = int(keep_rate * L + 1e-6)
+        K = rules.keep_count(L, keep_rate)
         ids = torch.argsort(noise.to(x.device).float(), stable=True)[:K]
-        return fastvl.ops.gather_tokens(x, ids, pos, unique_indices=True, check_bounds=False, backend=self.backend)
+        return layers.gather_tokens(x, ids, pos, unique_indices=True, check_bounds=False, backend=self.backend)
 
     def _encode(self, m: str, tokens, pos, pad=None, keep_rate: float = 1.0, noise=None) -> torch.Tensor:
         """tokens (B, L, C) + positions -> (DropToken) -> [AGG; tokens] -> backbone -> AGG output (B, C')."""
@@ -287,6 +286,6 @@ class VATT(VLModel):
         t_vt = self.text_to_vt(self.text_features(ids.reshape(B * P, Lt), mask.reshape(B * P, Lt)))
         scale = torch.tensor(1.0 / self.config.temperature, device=video.device)
         valid = mask.flatten(1).any(1)
-        nce = _ops.mil_nce_loss(l2norm(z_va), l2norm(a_va)[:, None], scale, backend=self.backend)
-        mil = _ops.mil_nce_loss(l2norm(z_vt), l2norm(t_vt).reshape(B, P, -1), scale, valid, backend=self.backend)
+        nce = layers.mil_nce_loss(l2norm(z_va), l2norm(a_va)[:, None], scale, backend=self.backend)
+        mil = layers.mil_nce_loss(l2norm(z_vt), l2norm(t_vt).reshape(B, P, -1), scale, valid, backend=self.backend)
         return {"nce_va": nce, "mil_nce_vt": mil, "loss": (nce + mil) / 2}

@@ -3,6 +3,8 @@
 from .attention import Attention
 from .contrastive import ClipLoss, MILNCELoss, SigLipLoss
 from .layer_norm import LayerNorm
+from .merge import TokenMerger
+from .select import TokenSelector
 from .timm import patch_timm_vit
 from .tokens import DropToken, MaskSampler, TemporalTokenRoll
 
@@ -15,5 +17,7 @@ __all__ = [
     "MaskSampler",
     "SigLipLoss",
     "TemporalTokenRoll",
+    "TokenMerger",
+    "TokenSelector",
     "patch_timm_vit",
 ]

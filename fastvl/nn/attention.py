@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import ops
-from fastvl.ops.attention import _check as _check_attention
-from fastvl.ops.attention import attention_reference
+from fastvl.ops import attention
 
 
 class Attention(nn.Module):
@@ -87,11 +86,11 @@ class Attention(nn.Module):
 
     def _eager_dropout(self, q, k, v, kpm, frame_offsets, T, causal, p):
         # validates exactly like the op, then runs the (differentiable) reference math with dropout
-        _check_attention(q, k, v, self.scale, causal, kpm, False, frame_offsets, T)
-        shift = None
-        if frame_offsets is not None and T > 1:
-            shift = torch.remainder(frame_offsets.long(), T)
-        return attention_reference(q, k, v, kpm, shift, None, None, 0, 0, T, self.scale, causal, p)[0]
+        plan = attention.prepare(
+            q, k, v, softmax_scale=self.scale, causal=causal, key_padding_mask=kpm, frame_offsets=frame_offsets,
+            num_frames=T,
+        )  # fmt: skip
+        return attention.attention_reference(q, k, v, plan.options, dropout_p=p)[0]
 
     @classmethod
     def from_timm(cls, m: nn.Module, backend: str | None = None) -> Attention:

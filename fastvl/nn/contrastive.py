@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastvl import backends
-from fastvl import ops as _ops
-from fastvl.ops import contrastive as C
+from fastvl import ops, validate
+from fastvl.ops import contrastive
+from fastvl.rules import compute_dtype
 
 # ---- collectives with the gradients open_clip's semantics need ------------------------------
 
@@ -126,8 +126,8 @@ def _ready(name: str, world_size: int) -> None:
         raise ValueError(f"{name}: world_size={world_size} but the process group has {dist.get_world_size()} ranks")
 
 
-def _request(op: str, backend: str | None) -> str:
-    return backends.resolve_request(op, backend)[0]
+def _scale(op: str, logit_scale, like: torch.Tensor) -> torch.Tensor:
+    return validate.scalar(op, "logit_scale", logit_scale, like, compute_dtype(like.dtype))
 
 
 # ---- modules -------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ):
         if self.world_size == 1:
-            loss = _ops.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+            loss = ops.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
             loss = self._distributed(image_features, text_features, logit_scale)
         if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
@@ -175,10 +175,10 @@ class ClipLoss(nn.Module):
 
     def _distributed(self, img: torch.Tensor, txt: torch.Tensor, logit_scale) -> torch.Tensor:
         op = "clip_loss"
-        C._pair(op, img, txt, ("image_features", "text_features"))
+        contrastive.check_pair(op, img, txt, ("image_features", "text_features"))
         _ready("ClipLoss", self.world_size)
         W, r, B = self.world_size, self.rank, img.shape[0]
-        s = C._scalar(op, "logit_scale", logit_scale, img)
+        s = _scale(op, logit_scale, img)
         if not self.local_loss:
             if not self.gather_with_grad:  # open_clip: only the own slot carries gradient -> 1/W of the summed one
                 img, txt = _ScaleGrad.apply(img, 1.0 / W), _ScaleGrad.apply(txt, 1.0 / W)
@@ -187,9 +187,9 @@ class ClipLoss(nn.Module):
         with_grad = self.gather_with_grad or not self.local_loss
         all_img = _gather(img, W, r, with_grad)
         all_txt = _gather(txt, W, r, with_grad)
-        request = _request(op, self.backend)
-        rows = C.info_nce_rows(img, all_txt, s, r * B, op, request).sum()
-        rows = rows + C.info_nce_rows(txt, all_img, s, r * B, op, request).sum()
+        backend = contrastive.choose_backend(op, img, all_txt, self.backend)  # txt vs all_img: the same shapes
+        rows = contrastive.info_nce_rows(img, all_txt, s, r * B, op, backend).sum()
+        rows = rows + contrastive.info_nce_rows(txt, all_img, s, r * B, op, backend).sum()
         loss = rows / (2 * B)
         return _AllReduceSum.apply(loss) / W if not self.local_loss else loss
 
@@ -235,16 +235,18 @@ class SigLipLoss(nn.Module):
         output_dict: bool = False,
     ):
         if self.world_size == 1:
-            loss = _ops.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+            loss = ops.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         else:
             op = "siglip_loss"
-            C._pair(op, image_features, text_features, ("image_features", "text_features"))
+            contrastive.check_pair(op, image_features, text_features, ("image_features", "text_features"))
             _ready("SigLipLoss", self.world_size)
             B = image_features.shape[0]
-            s = C._scalar(op, "logit_scale", logit_scale, image_features)
-            bias = C._scalar(op, "logit_bias", 0.0 if logit_bias is None else logit_bias, image_features)
+            s = _scale(op, logit_scale, image_features)
+            bias = 0.0 if logit_bias is None else logit_bias
+            bias = validate.scalar(op, "logit_bias", bias, image_features, compute_dtype(image_features.dtype))
             all_txt = _gather(text_features, self.world_size, self.rank, True)
-            loss = C.siglip_sum(image_features, all_txt, s, bias, self.rank * B, _request(op, self.backend)) / B
+            backend = contrastive.choose_backend(op, image_features, all_txt, self.backend)
+            loss = contrastive.siglip_sum(image_features, all_txt, s, bias, self.rank * B, backend) / B
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
@@ -265,11 +267,11 @@ class MILNCELoss(nn.Module):
 
     def forward(self, video: torch.Tensor, text: torch.Tensor, logit_scale, valid: torch.Tensor | None = None):
         if self.world_size == 1:
-            return _ops.mil_nce_loss(video, text, logit_scale, valid, backend=self.backend)
-        text3 = C._check_mil(video, text, valid)
+            return ops.mil_nce_loss(video, text, logit_scale, valid, backend=self.backend)
+        text3 = contrastive.check_mil(video, text, valid)
         _ready("MILNCELoss", self.world_size)
         W, r = self.world_size, self.rank
-        s = C._scalar("mil_nce_loss", "logit_scale", logit_scale, video)
+        s = _scale("mil_nce_loss", logit_scale, video)
         if s.requires_grad:
             s = _MeanGrad.apply(s, W)
         video_all = _gather(video, W, r, True)
@@ -277,12 +279,13 @@ class MILNCELoss(nn.Module):
         valid_all = None
         if valid is not None:
             valid_all = _gather(valid.to(torch.uint8), W, r, False).bool()
-        li = C.mil_nce_terms(
+        backend = contrastive.choose_backend("mil_nce_loss", video, text_all.flatten(0, 1), self.backend)
+        li = contrastive.mil_nce_terms(
             video,
             text3,
             s,
             valid,
-            _request("mil_nce_loss", self.backend),
+            backend,
             video_all=video_all,
             text_all=text_all,
             valid_all=valid_all,

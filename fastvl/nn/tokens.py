@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvl import ops
+from fastvl import ops, rules
 
 
 class TemporalTokenRoll(nn.Module):
@@ -39,8 +39,7 @@ class DropToken(nn.Module):
         self, keep_rate: float = 0.5, per_sample: bool = False, return_indices: bool = False, backend: str | None = None
     ):
         super().__init__()
-        if not 0.0 < keep_rate <= 1.0:
-            raise ValueError(f"DropToken: keep_rate must be in (0, 1], got {keep_rate}")
+        keep_rate = rules.keep_rate("DropToken", keep_rate)
         self.keep_rate, self.per_sample, self.return_indices, self.backend = (
             keep_rate,
             per_sample,
@@ -73,8 +72,7 @@ class MaskSampler(nn.Module):
 
     def __init__(self, mask_ratio: float = 0.75, backend: str | None = None):
         super().__init__()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"MaskSampler: mask_ratio must be in [0, 1), got {mask_ratio}")
+        mask_ratio = rules.mask_ratio("MaskSampler", mask_ratio)
         self.mask_ratio, self.backend = mask_ratio, backend
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None):

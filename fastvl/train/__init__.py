@@ -1,6 +1,7 @@
-"""Pretraining: loop, checkpoints, distributed setup, retrieval evaluation, the supervised motion probe."""
+"""Pretraining: loop, checkpoints, distributed setup (DDP, FSDP2), retrieval evaluation, the supervised motion
+probe."""
 
-from .evaluate import retrieval_metrics
 from .loop import Components, NonFiniteLoss, TrainConfig, train
+from .retrieval import chance_levels, retrieval_metrics
 
-__all__ = ["Components", "NonFiniteLoss", "TrainConfig", "retrieval_metrics", "train"]
+__all__ = ["Components", "NonFiniteLoss", "TrainConfig", "chance_levels", "retrieval_metrics", "train"]

@@ -1,4 +1,4 @@
-"""torch.distributed setup for ``torchrun`` (NCCL on GPUs, gloo on CPUs) and small helpers."""
+"""torch.distributed setup for ``torchrun`` (NCCL on GPUs, gloo on CPUs) and small collective helpers."""
 
 from __future__ import annotations
 
@@ -50,21 +50,28 @@ def all_true(flag: bool, info: DistInfo) -> bool:
     return t.item() == 0.0
 
 
-def mean_scalar(x: float, info: DistInfo) -> float:
+def sum_int(x: int, info: DistInfo) -> int:
+    """Sum of a per-rank count across ranks (one tiny all-reduce when distributed)."""
     if not info.enabled:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=info.device)
+        return int(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return t.item() / info.world_size
+    return int(t.item())
 
 
-def gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from every rank along dim 0 (no gradient)."""
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if info.enabled:
+        dist.barrier()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not info.enabled:
-        return t
-    out = [torch.empty_like(t) for _ in range(info.world_size)]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:

@@ -1,26 +1,32 @@
 """The pretraining loop: AdamW + warmup/cosine, grad accumulation, clipping, bf16 autocast, torch.compile,
-DDP, atomic checkpoints with exact resume, NaN policy, FLOPs accounting, metrics JSONL, final retrieval eval.
+DDP or FSDP2 (+ activation checkpointing), atomic checkpoints with exact resume, NaN policy, FLOPs
+accounting, metrics JSONL, final retrieval eval.
 
 ``train(cfg, build)`` is generic: ``build`` supplies the model, the loaders and the eval data (see
-:class:`Components`); ``fastvl.train.pretrain`` wires it to fastvl's models and datasets.
+:class:`Components`); ``fastvl.train.pretrain`` wires it to fastvl's models and datasets. The steps of a run:
+:func:`setup_optimization`, :func:`resume`, :func:`run_step` (accumulate, clip, NaN policy, update, log,
+checkpoint) and :func:`finish` (evaluation, plot, summary).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import time
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed as D
-from .evaluate import attribute_accuracy, format_metrics, pair_attribute_accuracy, retrieval_metrics
+from . import distributed
+from .distributed import DistInfo
+from .evaluate import evaluate, move_batch
+from .parallel import ParallelModel, parallelize
+from .retrieval import format_metrics
+from .run_log import RunLog
 from .schedule import param_groups, warmup_cosine
 
 
@@ -44,6 +50,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     compile: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP
+    grad_ckpt: bool = False  # activation checkpointing per block
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
@@ -64,7 +72,9 @@ class TrainConfig:
 class Components:
     """What a run trains on. ``make_loader(epoch, skip_batches)`` returns an iterable of batches for that
     epoch (deterministic in (seed, epoch, rank)), skipping its first ``skip_batches`` without loading them;
-    ``batches_per_epoch`` is its length. ``eval_batches()`` yields held-out batches with a ``label`` key."""
+    ``batches_per_epoch`` is its length. ``eval_batches()`` yields evaluation batches with a ``label`` key;
+    ``eval_note`` replaces "on N held-out clips" in the printed header when they are not held out.
+    ``skipped_videos()`` counts this rank's unreadable videos so far."""
 
     model: torch.nn.Module
     make_loader: Callable[[int, int], Any]
@@ -75,14 +85,35 @@ class Components:
     # () -> (text_ids (NL, Lt), text_mask (NL, Lt), {attribute: (NL,) value index}) for label ids 0..NL-1:
     # the canonical caption of every label, for the attribute probe (synthetic data only)
     label_captions: Callable[[], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    skipped_videos: Callable[[], int] | None = None
+    eval_note: str | None = None
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    nb = device.type == "cuda"
-    return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+@dataclasses.dataclass
+class Optimization:
+    """The optimizer side of a run: AdamW, its schedule, mixed precision, the step count."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: Callable[[], Any]
+    scaler: torch.amp.GradScaler | None
+    total_steps: int
+    params: list[torch.nn.Parameter]
 
 
-def _amp_ctx(cfg: TrainConfig, device: torch.device):
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: optimizer steps done, NaN steps skipped, micro-batches consumed, FLOPs per step."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consumed: int = 0
+    flops_per_step: int | None = None
+    last_ckpt_step: int = 0
+
+
+def amp_context(cfg: TrainConfig, device: torch.device):
+    """(autocast context factory, GradScaler or None) for ``cfg.amp`` on ``device``."""
     mode = cfg.amp
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "none"
@@ -111,12 +142,17 @@ def count_forward_flops(model: torch.nn.Module, batch: dict) -> int:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-class _Batches:
+class BatchStream:
     """Endless micro-batch stream over epochs with its position (epoch, batch index) for resume."""
 
-    def __init__(self, comp: Components, epoch: int, index: int):
-        self.comp, self.epoch, self.index = comp, epoch, index
-        self._it = iter(comp.make_loader(epoch, index))
+    def __init__(self, comp: Components, consumed: int):
+        self.comp = comp
+        self.epoch, self.index = divmod(consumed, comp.batches_per_epoch)
+        self._it = iter(comp.make_loader(self.epoch, self.index))
+
+    @property
+    def consumed(self) -> int:
+        return self.epoch * self.comp.batches_per_epoch + self.index
 
     def next(self) -> dict:
         while True:
@@ -130,243 +166,223 @@ class _Batches:
                 self._it = iter(self.comp.make_loader(self.epoch, 0))
 
 
-def train(cfg: TrainConfig, build: Callable[[TrainConfig, D.DistInfo], Components]) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns a summary (final metrics, paths, counts)."""
-    info = D.init(cfg.device)
-    torch.manual_seed(cfg.seed + info.rank)
-    run_dir = cfg.out
-    if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-    comp = build(cfg, info)
-    model = comp.model.to(info.device)
-    raw_model = model
-    if info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters,
-        )
-    fwd_model = torch.compile(model) if cfg.compile else model
-
+def setup_optimization(cfg: TrainConfig, info: DistInfo, par: ParallelModel, comp: Components) -> Optimization:
     per_epoch_steps = max(1, comp.batches_per_epoch // cfg.grad_accum)
     total = cfg.steps if cfg.steps is not None else max(1, int(math.ceil(cfg.epochs * per_epoch_steps)))
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else int(cfg.warmup * total)
-    fused = info.device.type == "cuda"
+    fused = info.device.type == "cuda" and not par.sharded
     optimizer = torch.optim.AdamW(
-        param_groups(raw_model, cfg.weight_decay),
+        param_groups(par.module, cfg.weight_decay),
         lr=cfg.lr,
         betas=(0.9, 0.98),
         eps=1e-6,
         **({"fused": True} if fused else {}),
     )
     scheduler = warmup_cosine(optimizer, total, warmup, cfg.min_lr_ratio)
-    autocast, scaler = _amp_ctx(cfg, info.device)
+    autocast, scaler = amp_context(cfg, info.device)
+    params = [p for p in par.module.parameters() if p.requires_grad]
+    return Optimization(optimizer, scheduler, autocast, scaler, total, params)
 
-    start_step, skipped, flops_step, consumed = 0, 0, None, 0
-    if cfg.resume:
-        path = ckpt.latest(run_dir)
-        if path is None:
-            if info.is_main:
-                print(f"--resume: no checkpoint in {run_dir}, starting fresh")
-        else:
-            state = ckpt.load(path, raw_model, optimizer, scheduler, restore_rng=False)
-            rng = state["rng"]
-            if info.enabled and "rank_rng" in state:
-                rng = state["rank_rng"][info.rank]
-            ckpt.set_rng_state(rng)
-            start_step, skipped = state["step"], state.get("skipped", 0)
-            consumed, flops_step = state["consumed"], state.get("fwd_flops_per_step")
-            if info.is_main:
-                print(f"resumed from {path} at step {start_step}")
-    stream = _Batches(comp, consumed // comp.batches_per_epoch, consumed % comp.batches_per_epoch)
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if info.is_main and start_step == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    log = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115
-    if info.is_main and start_step == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(
-                {**dataclasses.asdict(cfg), "world_size": info.world_size, **comp.describe}, f, indent=1, default=str
-            )
-
-    bar = None
-    if info.is_main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start_step, desc=f"pretrain {cfg.model}", unit="step", dynamic_ncols=True)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    samples = comp.samples_per_batch * cfg.grad_accum * info.world_size
-    t_last, n_since, last_ckpt_step = time.perf_counter(), 0, start_step
-    model.train()
-    for step in range(start_step, total):
-        optimizer.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
-        ok = True
-        for micro in range(cfg.grad_accum):
-            batch = _to_device(stream.next(), info.device)
-            if flops_step is None:
-                flops_step = count_forward_flops(raw_model, batch) * cfg.grad_accum * info.world_size
-            sync = model.no_sync() if info.enabled and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast():
-                    out = fwd_model(batch)
-                loss = out["loss"] / cfg.grad_accum
-                ok = D.all_true(bool(torch.isfinite(loss)), info)
-                if not ok:
-                    bad, what = loss.item(), "loss"
-                    break
-                (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.dim() == 0:
-                    parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
-        grad_norm = float("nan")
-        if ok:
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else math.inf))
-            ok = D.all_true(math.isfinite(grad_norm), info) or scaler is not None
-            bad, what = grad_norm, "gradient norm"
-        if not ok:
-            msg = f"step {step + 1}: non-finite {what} ({bad}); last checkpoint at step {last_ckpt_step}"
-            if cfg.on_nan == "stop":
-                if bar:
-                    bar.close()
-                raise NonFiniteLoss(msg + "; stopping (use --on-nan skip to skip such steps)")
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            if info.is_main:
-                print(f"skipping {msg}")
-            scheduler.step()
-            continue
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        n_since += 1
-        done = step + 1
-        if info.is_main and (done % cfg.log_every == 0 or done == total or done == start_step + 1):
-            dt = time.perf_counter() - t_last
-            rec = {
-                "step": done,
-                "epoch": stream.epoch,
-                **{k: round(v, 6) for k, v in parts.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": round(grad_norm, 5),
-                "clips_per_s": round(n_since * samples / max(dt, 1e-9), 2),
-                "skipped": skipped,
-                "fwd_gflops_per_step": float(f"{flops_step / 1e9:.6g}"),
-                "total_fwd_pflops": float(f"{flops_step * done / 1e15:.6g}"),
-            }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            t_last, n_since = time.perf_counter(), 0
-            if bar:
-                bar.set_postfix(loss=f"{parts.get('loss', float('nan')):.4f}", clips_s=rec["clips_per_s"])
-        if bar:
-            bar.update(1)
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == total:
-            _save(
-                cfg,
-                info,
-                run_dir,
-                done,
-                raw_model,
-                optimizer,
-                scheduler,
-                skipped,
-                stream.epoch * comp.batches_per_epoch + stream.index,
-                flops_step,
-            )
-            last_ckpt_step = done
-    if bar:
-        bar.close()
-    summary: dict[str, Any] = {
-        "run_dir": run_dir,
-        "steps": total,
-        "skipped": skipped,
-        "fwd_gflops_per_step": flops_step / 1e9 if flops_step else None,
-        "total_fwd_pflops": flops_step * total / 1e15 if flops_step else None,
-    }
-    if cfg.eval and comp.eval_batches is not None:
-        m = evaluate(raw_model, comp.eval_batches, info, autocast, comp.label_captions)
+def resume(cfg: TrainConfig, info: DistInfo, par: ParallelModel, opt: Optimization) -> Progress:
+    """Progress of the run in ``cfg.out`` from its latest checkpoint (weights, optimizer, schedule, this rank's
+    RNG, data position), or a fresh start."""
+    path = ckpt.latest(cfg.out)
+    if path is None:
         if info.is_main:
-            summary["eval"] = m
-            log.write(json.dumps({"step": total, "eval": m}) + "\n")
-            print(format_metrics(m))
+            print(f"--resume: no checkpoint in {cfg.out}, starting fresh")
+        return Progress()
+    if par.sharded:
+        ckpt.load_sharded(path, par.module, opt.optimizer)
+        state = ckpt.load_state(path)
+        opt.scheduler.load_state_dict(state["scheduler"])
+    else:
+        state = ckpt.load(path, par.module, opt.optimizer, opt.scheduler, restore_rng=False)
+    rng = state["rng"]
+    if info.enabled and "rank_rng" in state:
+        rng = state["rank_rng"][info.rank]
+    ckpt.set_rng_state(rng)
     if info.is_main:
-        log.close()
-        try:
-            from .plots import plot_run
+        print(f"resumed from {path} at step {state['step']}")
+    return Progress(
+        step=state["step"],
+        skipped_steps=state.get("skipped_steps", 0),
+        consumed=state["consumed"],
+        flops_per_step=state.get("fwd_flops_per_step"),
+        last_ckpt_step=state["step"],
+    )
 
-            summary["plot"] = plot_run(run_dir)
-        except ImportError as e:
-            print(f"no plot: {e}")
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1, default=str)
+
+def accumulate_gradients(
+    cfg: TrainConfig, info: DistInfo, par: ParallelModel, opt: Optimization, stream: BatchStream, prog: Progress
+) -> tuple[dict[str, float], tuple[str, float] | None]:
+    """Forward and backward over ``grad_accum`` micro-batches. Returns the mean scalar outputs (loss parts)
+    and, when a rank's loss is not finite, ("loss", value) (every rank stops at that micro-batch)."""
+    parts: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        batch = move_batch(stream.next(), info.device)
+        if prog.flops_per_step is None:
+            prog.flops_per_step = count_forward_flops(par.module, batch) * cfg.grad_accum * info.world_size
+        with par.gradient_sync(micro == cfg.grad_accum - 1):
+            with opt.autocast():
+                out = par.step_module(batch)
+            loss = out["loss"] / cfg.grad_accum
+            if not distributed.all_true(bool(torch.isfinite(loss)), info):
+                return parts, ("loss", loss.item())
+            (opt.scaler.scale(loss) if opt.scaler else loss).backward()
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                parts[k] = parts.get(k, 0.0) + v.item() / cfg.grad_accum
+    return parts, None
+
+
+def clip_gradients(cfg: TrainConfig, info: DistInfo, opt: Optimization) -> tuple[float, tuple[str, float] | None]:
+    """Clip the global gradient norm; returns it, and ("gradient norm", value) when it is not finite on some
+    rank (an fp16 scaler handles that itself by skipping the update)."""
+    if opt.scaler:
+        opt.scaler.unscale_(opt.optimizer)
+    limit = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, limit))
+    ok = distributed.all_true(math.isfinite(grad_norm), info) or opt.scaler is not None
+    return grad_norm, None if ok else ("gradient norm", grad_norm)
+
+
+def handle_nonfinite(cfg, info, opt: Optimization, prog: Progress, log: RunLog, step: int, bad: tuple[str, float]):
+    """The NaN policy: stop (raise :class:`NonFiniteLoss` naming the step and the last checkpoint) or skip the
+    step (no update; the schedule still advances)."""
+    what, value = bad
+    msg = f"step {step + 1}: non-finite {what} ({value}); last checkpoint at step {prog.last_ckpt_step}"
+    if cfg.on_nan == "stop":
+        log.close_bar()
+        raise NonFiniteLoss(msg + "; stopping (use --on-nan skip to skip such steps)")
+    prog.skipped_steps += 1
+    opt.optimizer.zero_grad(set_to_none=True)
+    if info.is_main:
+        print(f"skipping {msg}")
+    opt.scheduler.step()
+
+
+def apply_update(opt: Optimization) -> None:
+    if opt.scaler:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    else:
+        opt.optimizer.step()
+    opt.scheduler.step()
+
+
+def run_step(cfg, info, par: ParallelModel, opt: Optimization, stream: BatchStream, prog: Progress, log, comp):
+    """One optimizer step (micro-batches, clipping, NaN policy, update), then logging and checkpointing."""
+    step = prog.step
+    opt.optimizer.zero_grad(set_to_none=True)
+    parts, bad = accumulate_gradients(cfg, info, par, opt, stream, prog)
+    grad_norm = float("nan")
+    if bad is None:
+        grad_norm, bad = clip_gradients(cfg, info, opt)
+    prog.step = step + 1
+    if bad is not None:
+        handle_nonfinite(cfg, info, opt, prog, log, step, bad)
+        return
+    apply_update(opt)
+    done = prog.step
+    log.advance()
+    if done % cfg.log_every == 0 or done == opt.total_steps or log.first_step(done):
+        videos = distributed.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0
+        log.record(done, stream.epoch, parts, opt.scheduler.get_last_lr()[0], grad_norm, prog, videos)
+    if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == opt.total_steps:
+        prog.consumed = stream.consumed
+        save_checkpoint(cfg, info, par, opt, prog, final=done == opt.total_steps)
+        prog.last_ckpt_step = done
+
+
+def save_checkpoint(cfg, info, par: ParallelModel, opt: Optimization, prog: Progress, final: bool) -> None:
+    """Checkpoint step ``prog.step`` (collective: every rank's RNG; under FSDP every rank writes its shards,
+    and the final checkpoint also gathers the full weights for ``fastvl eval``)."""
+    extra = {"skipped_steps": prog.skipped_steps, "consumed": prog.consumed, "fwd_flops_per_step": prog.flops_per_step}
+    if info.enabled:  # every rank's RNG, so a resumed run continues each rank's random stream
+        extra["rank_rng"] = distributed.gather_objects(ckpt.rng_state(), info)
+    if not par.sharded:
+        if info.is_main:
+            ckpt.save(cfg.out, prog.step, par.module, opt.optimizer, opt.scheduler, extra=extra, keep=cfg.keep_ckpts)
+        distributed.barrier(info)
+        return
+    if not distributed.all_true(ckpt.weights_finite(par.module), info):
+        raise RuntimeError(f"refusing to write checkpoint at step {prog.step}: the model has non-finite weights")
+    tmp = ckpt.staging_dir(cfg.out, prog.step)
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    distributed.barrier(info)
+    ckpt.save_sharded(tmp, par.module, opt.optimizer)
+    full = ckpt.full_state_dict(par.module) if final else None
+    if info.is_main:
+        if final:
+            ckpt.write_weights(tmp, par.module, full)
+        ckpt.write_state(tmp, prog.step, None, opt.scheduler, extra)
+        ckpt.publish(cfg.out, prog.step, cfg.keep_ckpts)
+    distributed.barrier(info)
+
+
+def finish(cfg, info, par: ParallelModel, opt: Optimization, comp: Components, prog: Progress, log: RunLog) -> dict:
+    """Evaluate, then write the plot and ``summary.json`` whether or not evaluation succeeded (an evaluation
+    error is recorded in the summary and raised afterwards)."""
+    flops = prog.flops_per_step
+    summary: dict[str, Any] = {
+        "run_dir": cfg.out,
+        **({"note": comp.describe["note"]} if comp.describe.get("note") else {}),
+        "steps": opt.total_steps,
+        "skipped_steps": prog.skipped_steps,
+        "skipped_videos": distributed.sum_int(comp.skipped_videos(), info) if comp.skipped_videos else 0,
+        "fwd_gflops_per_step": flops / 1e9 if flops else None,
+        "total_fwd_pflops": flops * opt.total_steps / 1e15 if flops else None,
+    }
+    error = None
+    if cfg.eval and comp.eval_batches is not None:
+        try:
+            m = evaluate(par.module, comp.eval_batches, info, opt.autocast, comp.label_captions, all_ranks=par.sharded)
+            if info.is_main:
+                if comp.eval_note:
+                    m["split_note"] = comp.eval_note
+                summary["eval"] = m
+                log.write({"step": opt.total_steps, "eval": m})
+                print(format_metrics(m))
+        except Exception as e:  # the run is trained and checkpointed: keep its summary and plot
+            error = e
+            summary["eval_error"] = f"{type(e).__name__}: {e}"
+    if info.is_main:
+        if summary["skipped_videos"]:
+            print(f"skipped {summary['skipped_videos']} unreadable videos (replaced by others; see the warnings)")
+        log.close()
+        summary["plot"] = log.plot()
+        log.write_summary(summary)
+    if error is not None:
+        raise error
     return summary
 
 
-def _save(cfg, info, run_dir, step, model, optimizer, scheduler, skipped, consumed, flops_step):
-    extra = {"skipped": skipped, "consumed": consumed, "fwd_flops_per_step": flops_step}
-    if info.enabled:  # every rank's RNG, so a resumed DDP run continues each rank's random stream
-        import torch.distributed as dist
-
-        states = [None] * info.world_size
-        dist.all_gather_object(states, ckpt.rng_state())
-        extra["rank_rng"] = states
+def train(cfg: TrainConfig, build: Callable[[TrainConfig, DistInfo], Components]) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns a summary (final metrics, paths, counts)."""
+    info = distributed.init(cfg.device)
+    torch.manual_seed(cfg.seed + info.rank)
     if info.is_main:
-        ckpt.save(run_dir, step, model, optimizer, scheduler, extra=extra, keep=cfg.keep_ckpts)
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, eval_batches, info: D.DistInfo, autocast=contextlib.nullcontext, label_captions=None
-) -> dict:
-    """Zero-shot retrieval on the held-out batches (rank 0 evaluates; other ranks wait), plus the attribute
-    probe (:func:`~fastvl.train.evaluate.attribute_accuracy`) when ``label_captions`` is given."""
-    result = {}
-    if info.is_main:
-        was = model.training
-        model.eval()
-        vids, txts, labels, raw = [], [], [], []
-        for batch in eval_batches():
-            if label_captions is not None:
-                raw.append(batch["video"])
-            batch = _to_device(batch, info.device)
-            with autocast():
-                vids.append(model.encode_video(batch["video"]).float().cpu())
-                txts.append(model.encode_text(batch["text_ids"], batch["text_mask"]).float().cpu())
-            labels.append(batch["label"].cpu())
-        result = retrieval_metrics(torch.cat(vids), torch.cat(txts), torch.cat(labels))
-        if label_captions is not None:
-            ids, mask, attrs = label_captions()
-            with autocast():
-                lt = [
-                    model.encode_text(ids[s : s + 256].to(info.device), mask[s : s + 256].to(info.device)).float().cpu()
-                    for s in range(0, ids.shape[0], 256)
-                ]
-            result["attributes"] = attribute_accuracy(torch.cat(vids), torch.cat(labels), torch.cat(lt), attrs)
-            trained_vtm = "vtm" in getattr(getattr(model, "config", None), "tasks", ())
-            if hasattr(model, "vtm_logits") and trained_vtm and "motion" in attrs:  # All-in-one's fused head
-
-                def score(v, i, m):
-                    with autocast():
-                        lg = model.vtm_logits(v.to(info.device), i.to(info.device), m.to(info.device)).float()
-                    return lg[:, 1] - lg[:, 0]
-
-                result["attributes_fused"] = pair_attribute_accuracy(
-                    score, torch.cat(raw), torch.cat(labels), ids, mask, attrs, ("motion",)
-                )
-        model.train(was)
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return result
+        os.makedirs(cfg.out, exist_ok=True)
+    comp = build(cfg, info)
+    par = parallelize(
+        comp.model,
+        info,
+        fsdp=cfg.fsdp,
+        grad_ckpt=cfg.grad_ckpt,
+        compile=cfg.compile,
+        find_unused_parameters=cfg.find_unused_parameters,
+    )
+    opt = setup_optimization(cfg, info, par, comp)
+    prog = resume(cfg, info, par, opt) if cfg.resume else Progress()
+    stream = BatchStream(comp, prog.consumed)
+    log = RunLog(cfg, info, comp, opt.total_steps, prog.step)
+    par.step_module.train()
+    try:
+        while prog.step < opt.total_steps:
+            run_step(cfg, info, par, opt, stream, prog, log, comp)
+    finally:
+        log.close_bar()
+    return finish(cfg, info, par, opt, comp, prog, log)

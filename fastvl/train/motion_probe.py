@@ -22,7 +22,7 @@ from torch import nn
 
 from fastvl.data.synthetic import SyntheticVideoText
 from fastvl.models import create_model
-from fastvl.train.pretrain import _assignments
+from fastvl.train.commands import parse_assignments
 
 
 def _tensors(ds: SyntheticVideoText, target: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, rolling: str, seed: int, data) -> dict:
     """Train one probe; returns its record (held-out accuracy per epoch, chance, time)."""
     (xt, yt), (xv, yv), classes = data
     torch.manual_seed(seed)
-    model = create_model(args.model, rolling=rolling, vocab_size=128, **_assignments(args.set, "--set"))
+    model = create_model(args.model, rolling=rolling, vocab_size=128, **parse_assignments(args.set, "--set"))
     C = model.config.dim
     head = nn.Linear(C, classes)
     params = list(model.parameters()) + list(head.parameters())
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.set is None:
         args.set = ["depth=4", "roll_fraction=0.25", "pos_init=sincos"]
     with torch.device("meta"):  # only the config: frames and size for the data
-        probe = create_model(args.model, vocab_size=128, **_assignments(args.set, "--set"))
+        probe = create_model(args.model, vocab_size=128, **parse_assignments(args.set, "--set"))
     cfg = probe.config
     kw = dict(frames=cfg.num_frames, size=cfg.img_size, colors=tuple(args.colors), shapes=tuple(args.shapes))
     classes = 6 if args.target == "motion" else 4

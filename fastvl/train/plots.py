@@ -37,13 +37,19 @@ def plot_run(run_dir: str) -> str:
         ax = axes[0][1]
         ks = [k for k in ev["t2v"] if k.startswith("R@")]
         x = range(len(ks))
-        w = 0.28
-        ax.bar([i - w for i in x], [ev["t2v"][k] for k in ks], w, label="text->video")
-        ax.bar(list(x), [ev["v2t"][k] for k in ks], w, label="video->text")
-        ax.bar([i + w for i in x], [ev["chance"][k] for k in ks], w, label="chance", color="grey")
+        w = 0.2
+        ch_v2t = ev.get("chance_v2t", ev["chance"])
+        bars = (
+            ("text->video", [ev["t2v"][k] for k in ks], None),
+            ("chance (t2v)", [ev["chance"][k] for k in ks], "silver"),
+            ("video->text", [ev["v2t"][k] for k in ks], None),
+            ("chance (v2t)", [ch_v2t[k] for k in ks], "grey"),
+        )
+        for j, (label, values, color) in enumerate(bars):
+            ax.bar([i + (j - 1.5) * w for i in x], values, w, label=label, color=color)
         ax.set_xticks(list(x), ks)
         ax.set_ylabel("%")
-        ax.set_title(f"zero-shot retrieval ({ev['n']} held-out clips)")
+        ax.set_title(f"zero-shot retrieval ({ev.get('split_note') or str(ev['n']) + ' held-out clips'})")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(run_dir, "curves.png")

@@ -1,0 +1,299 @@
+"""Attention backends: fastvl's Triton kernel and the peers, their declared capabilities, registration, the
+example calls and the FLOP formulas.
+
+Roles: ``forward(q, k, v, opts) -> (out, lse)`` and ``backward(dout, q, k, v, out, lse, opts) -> (dq, dk, dv)``
+inside fastvl's custom op (:class:`~.reference.AttentionOptions` ``opts``). Peers run outside it with their own
+autograd: ``forward(q, k, v, key_padding_mask, scale, causal, deterministic) -> out`` and, for flash_attn,
+``varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, deterministic) -> out``.
+
+Features a call can use (``Call.features``): ``key_padding_mask``, ``frame_offsets`` (roll-aware addressing),
+``varlen`` (cu_seqlens), ``deterministic`` (bitwise-repeatable gradients), ``causal``, ``causal_bottom_right``
+(causal with Sq != Sk: flash-attn's bottom-right alignment).
+
+Why auto ranks them as it does (not measured on a GPU yet; revisit with benchmarks/results):
+  flash_attn (40)  the reference FA2/FA3 CUDA kernels when installed: the fastest known for plain
+                   fp16/bf16 attention; no key padding (fastvl does not unpad for it), no roll offsets
+  sdpa (30)        torch SDPA, which picks its flash / cuDNN kernels for fp16/bf16 without a mask:
+                   tuned per GPU by PyTorch; auto takes it only where it keeps those kernels
+  xformers (25)    memory-efficient CUTLASS kernels when installed
+  triton (20)      fastvl's kernel: the one that serves key padding without leaving the fast path,
+                   roll offsets, varlen, fp32, deterministic gradients, any S
+  reference (0)    plain PyTorch math in fp32 (the spec; the CPU path)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from fastvl import backends
+from fastvl.backends import Call
+from fastvl.capabilities import Capabilities, Limit, triton_kernel
+from fastvl.rules import KERNEL_DTYPES, roll_count
+
+from .reference import AttentionOptions, attention_reference, attention_reference_backward
+
+OP = "flash_attention"
+FEATURES = frozenset({"key_padding_mask", "frame_offsets", "varlen", "deterministic", "causal", "causal_bottom_right"})
+_HALF = (torch.float16, torch.bfloat16)
+
+# ---- fastvl's kernel ---------------------------------------------------------------------------
+
+
+def _kernel_args(opts: AttentionOptions) -> dict:
+    return {
+        "scale": opts.scale,
+        "causal": opts.causal,
+        "key_padding_mask": opts.key_padding_mask,
+        "shift": opts.shift,
+        "num_frames": opts.num_frames,
+        "cu_seqlens_q": opts.cu_seqlens_q,
+        "cu_seqlens_k": opts.cu_seqlens_k,
+        "max_seqlen_q": opts.max_seqlen_q,
+        "max_seqlen_k": opts.max_seqlen_k,
+    }
+
+
+def attention_triton(q, k, v, opts: AttentionOptions):
+    """FA2-style flash attention: key padding, varlen, roll offsets, deterministic backward."""
+    from fastvl.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, **_kernel_args(opts))
+
+
+def attention_triton_backward(dout, q, k, v, out, lse, opts: AttentionOptions):
+    from fastvl.kernels.attention import attention_backward
+
+    return attention_backward(dout, q, k, v, out, lse, deterministic=opts.deterministic, **_kernel_args(opts))
+
+
+# ---- peers: called with their own autograd, outside fastvl's custom op -------------------------
+
+
+def sdpa(q, k, v, kpm, scale, causal, deterministic):
+    """torch scaled_dot_product_attention (CUDA flash/cuDNN; on the CPU torch's fused kernel)."""
+    mask, empty_rows = None, None
+    if kpm is not None:
+        empty_rows = kpm.all(1)  # sequences with every key padded: attend to all, then zero (no NaN)
+        mask = (~(kpm & ~empty_rows[:, None]))[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=scale
+    ).transpose(1, 2)
+    if empty_rows is not None:
+        out = out * (~empty_rows)[:, None, None, None].to(out.dtype)
+    return out
+
+
+def flash_attn(q, k, v, kpm, scale, causal, deterministic):
+    """flash-attn package (flash_attn_func / flash_attn_varlen_func)."""
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, deterministic=deterministic)
+
+
+def flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, deterministic):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=causal,
+        deterministic=deterministic,
+    )  # fmt: skip
+
+
+def xformers(q, k, v, kpm, scale, causal, deterministic):
+    """xformers memory_efficient_attention."""
+    import xformers.ops as xops
+
+    bias = xops.LowerTriangularMask() if causal else None
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+
+
+# ---- declarations ------------------------------------------------------------------------------
+
+_TOP_LEFT = "causal with Sq={Sq} != Sk={Sk}: {what} is top-left aligned, fastvl's bottom-right"
+
+
+def fused_peer(name: str, dtypes, features: set[str], **notes: str) -> Capabilities:
+    """A peer library's fused CUDA attention: head dims that are multiples of 8 up to 256, no roll offsets."""
+    rolled = f"frame_offsets: roll-aware addressing is fastvl's own ({name} would need rolled copies of q, k, v)"
+    return Capabilities(
+        devices=("cuda",),
+        dtypes=dtypes,
+        dtype_args=("q",),
+        limits=(Limit("D", "head dim D", 256, 8, why=f"{name}'s fused kernels need D % 8 == 0 and D <= 256"),),
+        features=frozenset(features),
+        notes={"frame_offsets": rolled} | notes,
+    )
+
+
+def sdpa_special_case(call: Call) -> list[str]:
+    """SDPA takes either is_causal or an attn_mask, not both."""
+    if call.params["causal"] and call.tensors.get("key_padding_mask") is not None:
+        return ["causal with key_padding_mask: SDPA takes either is_causal or an attn_mask"]
+    return []
+
+
+TRITON = triton_kernel(
+    dtype_args=("q",),
+    limits=(
+        Limit("D", "head dim D", 128, why="the kernel keeps a (block, D) tile of q, k, v and the accumulator on chip"),
+        Limit("NH", "N*H", 65535, why="the launch grid's second dimension"),
+    ),
+    features=FEATURES,
+)
+_SDPA_NOTES = {
+    "varlen": "varlen: torch SDPA has no cu_seqlens interface",
+    "causal_bottom_right": _TOP_LEFT.replace("{what}", "SDPA's is_causal"),
+}
+SDPA = (
+    # the CPU path: torch's fused CPU attention; roll-aware offsets by gathering rows (as the reference does)
+    Capabilities(
+        devices=("cpu",),
+        dtypes=(torch.float32, torch.float64, torch.bfloat16),
+        dtype_args=("q",),
+        features=frozenset({"key_padding_mask", "frame_offsets", "deterministic", "causal"}),
+        notes=_SDPA_NOTES,
+    ),
+    dataclasses.replace(
+        fused_peer(
+            "sdpa",
+            KERNEL_DTYPES,
+            {"key_padding_mask", "causal"},
+            **_SDPA_NOTES,
+            auto_dtypes="SDPA leaves its flash/cuDNN kernels for float32",
+            deterministic="deterministic=True: SDPA's fused backward kernels do not promise bitwise-repeatable "
+            "gradients",
+            key_padding_mask="key_padding_mask: a mask moves SDPA off its flash/cuDNN kernels; fastvl's triton "
+            "kernel masks natively (name backend='sdpa' to use SDPA's masked path anyway)",
+        ),
+        auto_dtypes=_HALF,  # float32 only by name: SDPA then leaves its flash/cuDNN kernels
+        named_only=frozenset({"key_padding_mask"}),
+    ),
+)
+FLASH_ATTN = fused_peer(
+    "flash_attn",
+    _HALF,
+    {"varlen", "deterministic", "causal", "causal_bottom_right"},
+    key_padding_mask="key_padding_mask: fastvl does not unpad for flash_attn (pass packed sequences to the varlen op)",
+)
+XFORMERS = fused_peer(
+    "xformers",
+    KERNEL_DTYPES,
+    {"causal"},
+    varlen="varlen: fastvl does not build xformers' block-diagonal bias",
+    key_padding_mask="key_padding_mask: fastvl does not build an xformers bias for it",
+    deterministic="deterministic=True: xformers' backward is not bitwise repeatable",
+    causal_bottom_right=_TOP_LEFT.replace("{what}", "xformers' LowerTriangularMask"),
+)
+
+backends.register(
+    OP, "reference", 0, Capabilities(features=FEATURES), forward=attention_reference,
+    backward=attention_reference_backward, description="plain PyTorch math in fp32 (the spec)",
+)  # fmt: skip
+backends.register(
+    OP, "triton", 20, TRITON, requires="triton", forward=attention_triton, backward=attention_triton_backward
+)
+backends.register(OP, "sdpa", 30, SDPA, check=sdpa_special_case, peer=True, forward=sdpa)
+backends.register(
+    OP, "flash_attn", 40, FLASH_ATTN, requires="flash_attn", peer=True, forward=flash_attn, varlen=flash_attn_varlen
+)
+backends.register(OP, "xformers", 25, XFORMERS, requires="xformers", peer=True, forward=xformers)
+
+
+def example(device: torch.device, small: bool):
+    """All-in-one-B's fused block: B*T = 32*3 sequences of 40 text + 197 video tokens, 12 heads of 64 (bf16),
+    text padding, rolled by frame offsets."""
+    B, T, text, L, H, D = (2, 3, 4, 13, 2, 16) if small else (32, 3, 40, 197, 12, 64)
+    new = torch.randn if small else torch.empty
+    q, k, v = (new(B * T, text + L, H, D, dtype=torch.bfloat16, device=device) for _ in range(3))
+    kpm = torch.zeros(B * T, text + L, dtype=torch.bool, device=device)
+    kpm[:, text // 2 : text] = True
+    f = roll_count(L, 0.125)  # All-in-one's offsets before the first block (fastvl.ops.roll_frame_offsets)
+    offsets = torch.zeros(text + L, dtype=torch.int64, device=device)
+    offsets[text + 1 : text + 1 + f], offsets[text + L - f :] = -1, 1
+    return OP, (q, k, v), {"key_padding_mask": kpm, "frame_offsets": offsets, "num_frames": T}
+
+
+def example_varlen(device: torch.device, small: bool):
+    """Packed sequences of 3 lengths, causal (fp16)."""
+    lengths = (5, 11, 2) if small else (512, 1024, 77)
+    H, D = (2, 16) if small else (12, 64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    new = torch.randn if small else torch.empty
+    q, k, v = (new(sum(lengths), H, D, dtype=torch.float16, device=device) for _ in range(3))
+    return "flash_attention_varlen", (q, k, v, cu, cu, max(lengths), max(lengths)), {"causal": True}
+
+
+backends.register_example(OP, example)
+backends.register_example(OP, example_varlen)
+
+
+# ---- FLOP formulas (FlopCounterMode): 4 N H Sq Sk D forward (half when causal), 2.5x that backward
+# (the recomputed QK^T plus four matmuls), the same count torch gives its own flash / efficient SDPA.
+
+
+def _pairs(q, k, cu_q, cu_k, max_q, max_k) -> int:
+    """Sum over sequences of Sq * Sk (exact for varlen when the offsets can be read, else an upper bound)."""
+    if cu_q is None:
+        return q.shape[0] * q.shape[1] * k.shape[1]
+    try:
+        lq = torch.diff(cu_q).tolist()
+        lk = torch.diff(cu_k).tolist()
+        return sum(a * b for a, b in zip(lq, lk))
+    except Exception:  # fake tensors under compile: no values
+        return (cu_q.shape[0] - 1) * max_q * max_k
+
+
+def attention_flops(q, k, v, *flat_options_and_backend, **_) -> int:
+    opts = AttentionOptions(*flat_options_and_backend[:-1])
+    f = 4 * _pairs(q, k, opts.cu_seqlens_q, opts.cu_seqlens_k, opts.max_seqlen_q, opts.max_seqlen_k)
+    f *= q.shape[-2] * q.shape[-1]
+    return f // 2 if opts.causal else f
+
+
+def attention_backward_flops(dout, q, k, v, out, lse, *flat_options_and_backend, **_) -> int:
+    return 5 * attention_flops(q, k, v, *flat_options_and_backend) // 2
+
+
+def _cpu_sdpa_flops(
+    query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs
+) -> int:
+    b, h, sq, d = query_shape
+    f = 4 * b * h * sq * key_shape[2] * d
+    return f // 2 if is_causal else f  # fastvl's convention: causal attention does half the work
+
+
+def _cpu_sdpa_bwd_flops(
+    grad_out_shape,
+    query_shape,
+    key_shape,
+    value_shape,
+    out_shape_=None,
+    lse_shape=None,
+    dropout_p=0.0,
+    is_causal=False,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
+    return 5 * _cpu_sdpa_flops(query_shape, key_shape, value_shape, dropout_p, is_causal) // 2
+
+
+def register_flops(forward_op, backward_op) -> None:
+    """Count fastvl's attention custom ops, and torch's fused CPU attention (the sdpa backend's CPU path, which
+    torch charges nothing) like the CUDA variants, so FLOP reports do not depend on the device."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for op, fn in ((forward_op, attention_flops), (backward_op, attention_backward_flops)):
+        if op not in flop_registry:
+            register_flop_formula(op, get_raw=True)(fn)
+    aten = torch.ops.aten
+    for name, fn in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_bwd_flops),
+    ):
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_registry and op.default not in flop_registry:
+            register_flop_formula(op)(fn)
