@@ -35,9 +35,10 @@ from .static_view import H100_SMS, Meter, current_view, gpu_view, paused
 __all__ = ["H100_SMS", "MODULES", "CallRecord", "Capture", "Launch", "gpu_view", "jit_function", "kernel_modules",
            "record_call", "target"]  # fmt: skip
 
-# The kernel modules whose launches are captured (fastvl.kernels.<name>).
-MODULES = ("roll", "tokens", "attention", "layer_norm", "contrastive")
-SM90 = {"arch": 90, "warp_size": 32}
+# The kernel modules whose launches are captured (fastvl.kernels.<name>): every module of kernels/ with a kernel.
+MODULES = ("roll", "tokens", "attention", "layer_norm", "contrastive", "masking", "select", "merge",
+           "linear_cross_entropy")  # fmt: skip
+SM90 = {"arch": 90, "warp_size": 32, "shared_per_block": 227 * 1024}
 
 
 def kernel_modules() -> list[types.ModuleType]:
@@ -47,6 +48,20 @@ def kernel_modules() -> list[types.ModuleType]:
     if fastvl.kernels.INTERPRET:
         raise RuntimeError("static capture needs TRITON_INTERPRET unset before fastvl.kernels is imported")
     return [importlib.import_module(f"fastvl.kernels.{m}") for m in MODULES]
+
+
+@contextlib.contextmanager
+def device_queries(sms: int = H100_SMS) -> Iterator[None]:
+    """Launchers that ask Triton's driver (not ``torch.cuda``, which :func:`gpu_view` answers) for the device's
+    limits get the view's answer: ``sms`` multiprocessors and sm_90's 227 KB of shared memory per block."""
+    import fastvl.kernels.contrastive as contrastive
+
+    saved = contrastive.device_limits
+    contrastive.device_limits = lambda device: (sms, SM90["shared_per_block"]) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        contrastive.device_limits = saved
 
 
 def target():

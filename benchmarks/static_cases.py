@@ -6,13 +6,17 @@ for one forward call and one backward call through ``fastvl.ops`` with ``backend
 minimum bytes of each call: every input the result depends on read once, every output written once
 (for a gather, the selected rows; a gradient covers its whole tensor, zeros included).
 
-bf16 on the GPU path. Attention: All-in-one-B (96 x 237 tokens, 12 heads, D=64, text key padding + roll
-offsets), VATT-M with DropToken (64 x 785, 16 heads), a causal long sequence, packed varlen, D=128 and D=32.
-Contrastive: B=32768, D in {256, 512}, bf16 and fp32, CLIP / MIL-NCE (3 texts per clip) / SigLIP.
-LayerNorm with the residual add at C=768 (All-in-one-B tokens) and C=8192 (the width sweep). Token ops:
-roll at All-in-one-B (96, 40+197, 768), DropToken with positions at VATT-M (8 x 1568 x 1024, keep 0.5),
-MAE masking with positions at All-in-one-B frames (96 x 197 x 768, ratio 0.75), gather with repeated
-indices (scatter-add backward) and with unique indices (gather backward) at VATT-M.
+bf16 on the GPU path. The readiness shapes (``acceptance``: what tests/test_static_sm90.py checks): attention
+at All-in-one-B (96 x 237 tokens, 12 heads, D=64, text key padding + roll offsets), D=128 (VidL, 41 x 785, 6
+heads) and D=32; contrastive at B=32768, D in {256, 512}, bf16 and fp32, CLIP / MIL-NCE (3 texts per clip) /
+SigLIP; LayerNorm with the residual add at C=768 (All-in-one-B tokens) and C=8192 (the width sweep); token ops:
+roll at All-in-one-B (96, 40+197, 768), DropToken with positions at VATT-M (8 x 1568 x 1024, keep 0.5), MAE
+masking with positions at All-in-one-B frames (96 x 197 x 768, ratio 0.75), gather with repeated indices
+(scatter-add backward) and with unique indices (gather backward) at VATT-M. The rest of the report: attention
+at VATT-M with DropToken (64 x 785, 16 heads), causal at S=4096, packed varlen and deterministic; the masking
+family at VideoMAE-B (tube masking, the MAE and VideoMAE V2 decoder inputs, the patch loss; the MAE-B image
+loss), token selection and merging at VATT-M and All-in-one-B, linear cross-entropy at BERT's vocabulary (N =
+1024 and 16384, D=768): compile figures only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 
 BF16 = torch.bfloat16
-T = "triton"
+TRITON = "triton"
 
 
 @dataclasses.dataclass
@@ -46,6 +50,7 @@ class StaticCase:
     build: Callable[[int], Built]
     memory_bound: bool = False
     byte_div: int = 1  # rows divisor of the byte replay (memory-bound cases)
+    acceptance: bool = True  # one of the shapes the Hopper readiness test (tests/test_static_sm90.py) checks
 
     @property
     def label(self) -> str:
@@ -92,7 +97,9 @@ def roll_case() -> StaticCase:
         g = _randn(bt, text + L, C)
         import fastvl
 
-        fwd, bwd = _fwd_bwd(lambda: fastvl.ops.temporal_token_roll(x, Tf, text_len=text, backend=T), lambda y: (y, g))
+        fwd, bwd = _fwd_bwd(
+            lambda: fastvl.ops.temporal_token_roll(x, Tf, text_len=text, backend=TRITON), lambda y: (y, g)
+        )
         n = x.numel() * x.element_size()
         return Built(fwd, bwd, {"fwd": 2 * n, "bwd": 2 * n}, bt)
 
@@ -111,7 +118,7 @@ def drop_case() -> StaticCase:
         g = _randn(b, K, C)
         import fastvl
 
-        fwd, bwd = _fwd_bwd(lambda: fastvl.ops.drop_tokens(x, keep, pos=pos, backend=T), lambda o: (o[0], g))
+        fwd, bwd = _fwd_bwd(lambda: fastvl.ops.drop_tokens(x, keep, pos=pos, backend=TRITON), lambda o: (o[0], g))
         e = x.element_size()
         # fwd: K rows of x per sample and K rows of pos in, K rows out (+ the K kept indices)
         # bwd: the K-row gradient in, dx (B, L, C) and dpos (L, C) out
@@ -133,7 +140,7 @@ def masking_case() -> StaticCase:
         g = _randn(b, K, C)
         import fastvl
 
-        fwd, bwd = _fwd_bwd(lambda: fastvl.ops.random_masking(x, ratio, pos=pos, backend=T), lambda o: (o[0], g))
+        fwd, bwd = _fwd_bwd(lambda: fastvl.ops.random_masking(x, ratio, pos=pos, backend=TRITON), lambda o: (o[0], g))
         e = x.element_size()
         # fwd: the kept rows of x and the distinct kept rows of pos (expected L (1 - (1 - K/L)^b) for b
         # independent draws) in; visible, mask (x's dtype) and ids_restore out
@@ -163,7 +170,7 @@ def gather_case(unique: bool) -> StaticCase:
         import fastvl
 
         fwd, bwd = _fwd_bwd(
-            lambda: fastvl.ops.gather_tokens(x, idx, unique_indices=unique, check_bounds=False, backend=T),
+            lambda: fastvl.ops.gather_tokens(x, idx, unique_indices=unique, check_bounds=False, backend=TRITON),
             lambda y: (y, g),
         )
         e = x.element_size()
@@ -188,7 +195,7 @@ def layer_norm_case(shape: str, M: int, C: int, div: int) -> StaticCase:
         import fastvl
 
         fwd, bwd = _fwd_bwd(
-            lambda: fastvl.ops.layer_norm(x, w, b, 1e-6, r, backend=T), lambda o: ((o[0], o[1]), (gy, gh))
+            lambda: fastvl.ops.layer_norm(x, w, b, 1e-6, r, backend=TRITON), lambda o: ((o[0], o[1]), (gy, gh))
         )
         e = x.element_size()
         # fwd: x, residual in; y, h out. bwd: dy, dh and h in; dx (= d residual) out; w in, dw, db out
@@ -212,7 +219,7 @@ def text_padding(B: int, S: int, text_len: int = 40) -> torch.Tensor:
 
 
 def attention_case(shape: str, B: int, S: int, H: int, D: int, *, causal=False, padded=False, roll=False,
-                   varlen=False) -> StaticCase:  # fmt: skip
+                   varlen=False, deterministic=False, acceptance=True) -> StaticCase:  # fmt: skip
     def build(div: int) -> Built:
         import fastvl
 
@@ -226,7 +233,7 @@ def attention_case(shape: str, B: int, S: int, H: int, D: int, *, causal=False, 
             g = _randn(total, H, D)
 
             def run():
-                return fastvl.ops.flash_attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal, backend=T)
+                return fastvl.ops.flash_attention_varlen(q, k, v, cu, cu, mx, mx, causal=causal, backend=TRITON)
 
         else:
             q, k, v = (_randn(B, S, H, D, grad=True) for _ in range(3))
@@ -240,14 +247,16 @@ def attention_case(shape: str, B: int, S: int, H: int, D: int, *, causal=False, 
             def run():
                 return fastvl.ops.flash_attention(
                     q, k, v, causal=causal, key_padding_mask=kpm, frame_offsets=offsets,
-                    num_frames=3 if roll else 1, backend=T,
+                    num_frames=3 if roll else 1, deterministic=deterministic, backend=TRITON,
                 )  # fmt: skip
 
         fwd, bwd = _fwd_bwd(run, lambda o: (o, g))
         return Built(fwd, bwd, {}, 0)
 
     cfg = {"B": B, "S": S, "H": H, "D": D, "causal": causal, "padded": padded, "roll": roll, "varlen": varlen}
-    return StaticCase("attention", "flash_attention", shape, {**cfg, "dtype": "bf16"}, build)
+    if deterministic:
+        cfg["deterministic"] = True
+    return StaticCase("attention", "flash_attention", shape, {**cfg, "dtype": "bf16"}, build, acceptance=acceptance)
 
 
 # ---- contrastive (compile figures only) ----------------------------------------------------
@@ -263,11 +272,11 @@ def contrastive_case(loss: str, B: int, D: int, dtype: torch.dtype) -> StaticCas
         b = _randn(*((B, 3, D) if loss == "mil" else (B, D)), dtype=dtype, grad=True)
         s = torch.tensor(14.3, requires_grad=True)
         if loss == "clip":
-            run = lambda: fastvl.ops.clip_loss(a, b, s, backend=T)  # noqa: E731
+            run = lambda: fastvl.ops.clip_loss(a, b, s, backend=TRITON)  # noqa: E731
         elif loss == "mil":
-            run = lambda: fastvl.ops.mil_nce_loss(a, b, s, backend=T)  # noqa: E731
+            run = lambda: fastvl.ops.mil_nce_loss(a, b, s, backend=TRITON)  # noqa: E731
         else:
-            run = lambda: fastvl.ops.siglip_loss(a, b, s, -10.0, backend=T)  # noqa: E731
+            run = lambda: fastvl.ops.siglip_loss(a, b, s, -10.0, backend=TRITON)  # noqa: E731
         fwd, bwd = _fwd_bwd(run, lambda y: (y, torch.ones_like(y)))
         return Built(fwd, bwd, {}, 0)
 
@@ -276,13 +285,157 @@ def contrastive_case(loss: str, B: int, D: int, dtype: torch.dtype) -> StaticCas
     return StaticCase("contrastive", op, f"B={B} D={D} {dt}", cfg, build)
 
 
+# ---- masked video modeling, token selection and merging, linear cross-entropy (compile figures only) -------
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def tube_masking_case() -> StaticCase:
+    B, T, N, C, ratio = 64, 8, 196, 768, 0.9
+
+    def build(div: int) -> Built:
+        import fastvl
+
+        x = _randn(B * T, N, C, grad=True)
+        pos = _randn(T * N, C, grad=True)
+        K = int(N * (1 - ratio) + 1e-6)
+        g = _randn(B, T * K, C)
+        run = lambda: fastvl.ops.tube_masking(x, T, ratio, tube=T, pos=pos, backend=TRITON)  # noqa: E731
+        fwd, bwd = _fwd_bwd(run, lambda o: (o[0], g))
+        return Built(fwd, bwd, {}, 0)
+
+    cfg = {"B": B, "T": T, "N": N, "C": C, "mask_ratio": ratio, "tube": T, "pos": True, "dtype": "bf16"}
+    return StaticCase("masking", "tube_masking", "VideoMAE-B", cfg, build, acceptance=False)
+
+
+def restore_case(v2: bool) -> StaticCase:
+    B, L, TK, C = 64, 8 * 196, 8 * 19, 384
+
+    def build(div: int) -> Built:
+        import fastvl
+
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.argsort(torch.argsort(torch.rand(B, L, generator=gen), dim=1), dim=1)
+        vis, token, pos = _randn(B, TK, C, grad=True), _randn(C, grad=True), _randn(1, L, C, grad=True)
+        # V2's decoder keeps half of the masked places (those with ids >= TK), in ascending order
+        keep = torch.argsort(ids, dim=1)[:, TK : TK + (L - TK) // 2].sort(dim=1).values if v2 else None
+        g = _randn(B, TK + keep.shape[1] if v2 else L, C)
+        run = lambda: fastvl.ops.restore_tokens(  # noqa: E731
+            vis, ids, token, pos, decoder_keep=keep, check_indices=False, backend=TRITON
+        )
+        fwd, bwd = _fwd_bwd(run, lambda y: (y, g))
+        return Built(fwd, bwd, {}, 0)
+
+    cfg = {"B": B, "L": L, "K": TK, "C": C, "pos": True, "decoder_keep": (L - TK) // 2 if v2 else None, "dtype": "bf16"}
+    name = "VideoMAE-B V2 decoder" if v2 else "VideoMAE-B"
+    return StaticCase("masking", "restore_tokens", name, cfg, build, acceptance=False)
+
+
+def patch_loss_case(video: bool) -> StaticCase:
+    B, frames, side, p = (64, 16, 224, 16) if video else (256, 1, 224, 16)
+
+    def build(div: int) -> Built:
+        import fastvl
+
+        gen = torch.Generator().manual_seed(0)
+        tub = 2 if video else 1
+        P = frames // tub * (side // p) ** 2
+        clip = torch.randn(B, frames, 3, side, side)
+        if video:  # VideoMAE-B: pred at the masked patches, per-channel targets from un-normalised pixels
+            keep = frames // tub * 19
+            mask = torch.ones(B, P, dtype=torch.bool)
+            mask.scatter_(1, torch.argsort(torch.rand(B, P, generator=gen), dim=1)[:, :keep], False)
+            pred = _randn(B, P - keep, 3 * tub * p * p, grad=True)
+            kw = {"patch": p, "tubelet": tub, "norm_pix": "channel", "unnormalize": IMAGENET}
+        else:  # MAE-B images: pred at every patch, 75% masked, norm_pix_loss
+            mask = (torch.rand(B, P, generator=gen) < 0.75).to(BF16)
+            pred = _randn(B, P, 3 * p * p, grad=True)
+            kw = {"patch": p}
+        run = lambda: fastvl.ops.masked_patch_loss(pred, clip, mask, backend=TRITON, **kw)  # noqa: E731
+        fwd, bwd = _fwd_bwd(run, lambda y: (y, torch.ones_like(y)))
+        return Built(fwd, bwd, {}, 0)
+
+    cfg = {"B": B, "frames": frames, "side": side, "patch": p, "tubelet": 2 if video else 1,
+           "norm_pix": "channel" if video else "patch", "rows": "masked" if video else "all",
+           "dtype": "bf16"}  # fmt: skip
+    shape = "VideoMAE-B" if video else "MAE-B images"
+    return StaticCase("masking", "masked_patch_loss", shape, cfg, build, acceptance=False)
+
+
+def select_case(shape: str, B: int, T: int, N: int, C: int, space_time: bool = False) -> StaticCase:
+    P, k = (1 if space_time else 0), N // 2
+
+    def build(div: int) -> Built:
+        import fastvl
+
+        x = _randn(B, P + T * N, C, grad=True)
+        scores = torch.randn(B, T * N)
+        if space_time:
+            run = lambda: fastvl.ops.select_space_time(  # noqa: E731
+                x, scores, k, frames=T, keep_frames=T // 2, protected=P, backend=TRITON
+            )
+            g = _randn(B, P + T // 2 * k, C)
+        else:
+            run = lambda: fastvl.ops.select_tokens(x, scores, k, groups=T, backend=TRITON)  # noqa: E731
+            g = _randn(B, T * k, C)
+        fwd, bwd = _fwd_bwd(run, lambda o: (o[0], g))
+        return Built(fwd, bwd, {}, 0)
+
+    op = "select_space_time" if space_time else "select_tokens"
+    cfg = {"B": B, "P": P, "T": T, "N": N, "C": C, "k": k, "dtype": "bf16"}
+    if space_time:
+        cfg["keep_frames"] = T // 2
+    return StaticCase("select", op, shape, cfg, build, acceptance=False)
+
+
+def merge_case(shape: str, B: int, P: int, T: int, N: int, C: int, r: int) -> StaticCase:
+    def build(div: int) -> Built:
+        import fastvl
+
+        L = P + T * N
+        x, metric = _randn(B, L, C, grad=True), _randn(B, L, 64)
+        size = torch.ones(B, L, 1, dtype=BF16)
+        kw = {"protected": P, "metric": metric, "mode": "joint" if T == 1 else "frame", "frames": T if T > 1 else None}
+        state: dict[str, Any] = {}
+
+        def fwd():
+            state["out"] = fastvl.ops.merge_tokens(x, size, r, backend=TRITON, **kw)[0]
+
+        def bwd():
+            torch.autograd.backward(state["out"], torch.ones_like(state["out"]))
+
+        return Built(fwd, bwd, {}, 0)
+
+    cfg = {"B": B, "L": P + T * N, "C": C, "metric_C": 64, "r": r, "mode": "joint" if T == 1 else "frame",
+           "frames": T, "dtype": "bf16"}  # fmt: skip
+    return StaticCase("merge", "merge_tokens", shape, cfg, build, acceptance=False)
+
+
+def lce_case(N: int) -> StaticCase:
+    V, D = 30522, 768
+
+    def build(div: int) -> Built:
+        import fastvl
+
+        gen = torch.Generator().manual_seed(0)
+        h = _randn(N, D, grad=True)
+        w = (torch.randn(V, D, generator=gen) * D**-0.5).to(BF16).requires_grad_(True)
+        b = torch.zeros(V, dtype=BF16, requires_grad=True)
+        t = torch.randint(0, V, (N,), generator=gen)
+        t[torch.rand(N, generator=gen) < 0.15] = -100
+        run = lambda: fastvl.ops.linear_cross_entropy(h, w, b, t, label_smoothing=0.1, backend=TRITON)  # noqa: E731
+        fwd, bwd = _fwd_bwd(run, lambda y: (y, torch.ones_like(y)))
+        return Built(fwd, bwd, {}, 0)
+
+    cfg = {"N": N, "V": V, "D": D, "label_smoothing": 0.1, "ignored": 0.15, "dtype": "bf16"}
+    return StaticCase("linear_cross_entropy", "linear_cross_entropy", f"N={N}", cfg, build, acceptance=False)
+
+
 def cases() -> list[StaticCase]:
     """Every static case, in report order."""
     out = [
         attention_case("All-in-one-B padded+roll", 96, 237, 12, 64, padded=True, roll=True),
-        attention_case("VATT-M DropToken", 64, 785, 16, 64),
-        attention_case("long causal", 4, 4096, 32, 64, causal=True),
-        attention_case("varlen", 96, 237, 12, 64, varlen=True),
         attention_case("VidL D=128", 41, 785, 6, 128),
         attention_case("VidL D=32", 64, 197, 12, 32),
     ]
@@ -298,5 +451,25 @@ def cases() -> list[StaticCase]:
         masking_case(),
         gather_case(unique=False),
         gather_case(unique=True),
+        # beyond the readiness test (its D=64 / 128 / 32 attention cases above have every feature flag a binary
+        # depends on but causal and varlen): the other attention shapes, every other kernel of kernels/ at its
+        # family's benchmark shapes
+        attention_case("VATT-M DropToken", 64, 785, 16, 64, acceptance=False),
+        attention_case("long causal", 4, 4096, 32, 64, causal=True, acceptance=False),
+        attention_case("varlen", 96, 237, 12, 64, varlen=True, acceptance=False),
+        attention_case("All-in-one-B deterministic", 96, 237, 12, 64, deterministic=True, acceptance=False),
+        tube_masking_case(),
+        restore_case(v2=False),
+        restore_case(v2=True),
+        patch_loss_case(video=True),
+        patch_loss_case(video=False),
+        select_case("VATT-M frames", 64, 8, 196, 1024),
+        select_case("All-in-one-B frames", 96, 1, 197, 768),
+        select_case("VATT-M space-time", 64, 8, 196, 1024, space_time=True),
+        merge_case("All-in-one-B frames", 96, 1, 1, 196, 768, 16),
+        merge_case("VATT-M joint", 64, 1, 1, 1568, 1024, 196),
+        merge_case("VATT-M frames", 64, 0, 8, 196, 1024, 24),
+        lce_case(1024),
+        lce_case(16384),
     ]
     return out

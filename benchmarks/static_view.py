@@ -7,7 +7,9 @@ kernel run on the CPU while fastvl's ops and launchers take their GPU branches (
 sized by the SM count, bf16 paths). The same mode meters aten ops for ``benchmarks/static_capture.py``: each
 op reads the footprint of its tensor inputs (distinct addresses) and writes its outputs; views, ``empty``
 and a ``.to("cuda")`` of a tensor already shown on cuda cost nothing. Custom ops (``fastvl::*``) run their
-bodies under the mode, so the aten ops inside them are metered too.
+bodies under the mode, so the aten ops inside them are metered too. ``zero_empty``: new tensors start as
+zeros, so that where kernels are recorded but not run, host code that indexes with their outputs (merge
+destinations from a matching kernel, ranks) sees valid indices instead of whatever memory held.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def footprint(t: torch.Tensor) -> int:
     return n * t.element_size() if t.numel() else 0
 
 
+_EMPTY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "detach"}
 _WRITE_ONLY = {"fill_", "zero_", "copy_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_"}
 _SCATTER = {"scatter_", "scatter_add_", "scatter_reduce_", "index_put_", "index_add_", "index_copy_", "index_fill_"}
@@ -147,10 +150,11 @@ def _same_but_device(t: torch.Tensor, kwargs: dict) -> bool:
 class GpuView(TorchDispatchMode):
     """Sends factories asked for on ``cuda`` to the CPU; meters aten ops; runs custom ops' bodies under itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, zero_empty: bool = False) -> None:
         super().__init__()
         self.meter: Meter | None = None
         self.paused = 0
+        self.zero_empty = zero_empty
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -164,6 +168,8 @@ class GpuView(TorchDispatchMode):
                 keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
                 return func.redispatch(keys, *args, **kwargs)
         out = func(*args, **kwargs)
+        if self.zero_empty and func._schema.name.split("::")[-1] in _EMPTY:
+            out.zero_()
         if moved and func is torch.ops.aten._to_copy.default and _same_but_device(args[0], kwargs):
             return out  # ``.to("cuda")`` of what the GPU view shows on cuda already: a GPU makes no copy
         if self.meter is not None and not self.paused:
@@ -190,9 +196,9 @@ def _on_cpu(make: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def gpu_view(sms: int = H100_SMS) -> Iterator[GpuView]:
+def gpu_view(sms: int = H100_SMS, zero_empty: bool = False) -> Iterator[GpuView]:
     """Inside: CPU tensors look like ``cuda:0`` tensors of one H100 with ``sms`` multiprocessors to Python code
-    (see the module docstring)."""
+    (see the module docstring); ``zero_empty``: every new tensor starts as zeros."""
     global _VIEW
     if _VIEW is not None:
         yield _VIEW
@@ -234,7 +240,7 @@ def gpu_view(sms: int = H100_SMS) -> Iterator[GpuView]:
         setattr(torch, k, _on_cpu(f))
     had = {k: k in torch.Tensor.__dict__ for k in tensor_attrs}
     old = {k: torch.Tensor.__dict__[k] for k in tensor_attrs if had[k]}
-    mode = GpuView()
+    mode = GpuView(zero_empty)
     for k, v in patches.items():
         setattr(cuda, k, v)
     for k, v in tensor_attrs.items():

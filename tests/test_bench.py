@@ -542,10 +542,16 @@ def _static_rows() -> list[dict]:
     spill = {**kernel, "config": "BLOCK_M=64 BLOCK_N=64 w4 s3", "registers": 255, "spill_stores": 24}
     rows = []
     for f in (kernel, spill):
-        r = common.row("flash_attention", "fastvl-triton", "fwd", "static_kernel", "shape", "All-in-one-B",
+        r = common.row("flash_attention", "fastvl-triton", "fwd", "static_kernel", "shape", "All-in-one-B padded+roll",
                        f["registers"], cfg, env, "attention")  # fmt: skip
         r["figures"] = f
         rows.append(r)
+    # a case outside the readiness test (its failures are reported apart)
+    merge = {**spill, "kernel": "_merge_kernel", "module": "merge", "wgmma": {}, "dots": {}, "tiles": []}
+    r = common.row("merge_tokens", "fastvl-triton", "fwd", "static_kernel", "shape", "VATT-M joint", 255, cfg, env,
+                   "merge")  # fmt: skip
+    r["figures"] = merge
+    rows.append(r)
     rep = {"rows": 96, "div": 16, "sms": 8, "bytes": 200, "issued": 200, "min_bytes": 100, "launches": 1}
     b = {
         "ratio": 1.9, "issued_ratio": 1.9, "bytes": 190e6, "min_bytes": 100e6, "rows": 96, "launches": 3,
@@ -558,7 +564,13 @@ def _static_rows() -> list[dict]:
 
 def test_static_checks_and_readme_section(tmp_path):
     rows = _static_rows()
-    fails = static_sm90.check(rows)
+    ready, other = static_sm90.readiness_rows(rows)
+    assert [r["op"] for r in other] == ["merge_tokens"] and len(ready) == 3
+    assert static_sm90.check(other)["resources"] == [
+        "merge_tokens VATT-M joint fwd _merge_kernel [BLOCK_M=64 BLOCK_N=64 w4 s3]: spills 24 B stores / 0 B loads "
+        "(255 regs)"
+    ]
+    fails = static_sm90.check(ready)
     assert (
         len(fails["resources"]) == 1
         and "BLOCK_M=64" in fails["resources"][0]
@@ -582,8 +594,10 @@ def test_static_checks_and_readme_section(tmp_path):
     assert "never timings" in section and "fastvl commit `abc123`" in section
     assert "benchmarks/results/sm_90-static/results.md" in section
     assert "**Hopper readiness checks** (`tests/test_static_sm90.py`): 4 failures" in section
+    assert "The same checks on the other cases (not part of the test): 1 failures (resources 1)." in section
     assert (
-        "| flash_attention | All-in-one-B | fwd | _attn_fwd | 2 | 240-255 | 1 | 24 | 2 | 8.7 | wgmma bf16 |" in section
+        "| flash_attention | All-in-one-B padded+roll | fwd | _attn_fwd | 2 | 240-255 | 1 | 24 | 2 | 8.7 | wgmma bf16 |"
+        in section
     )
     assert "| drop_tokens | VATT-M | bwd | 1.90x | 190.0 (100.0) | 3 (1 + 2) |" in section
     assert "No GPU results are committed yet" in text  # the GPU section ignores static rows

@@ -1,11 +1,12 @@
 """Hopper readiness without a GPU: the static sm_90 report (benchmarks/static_sm90.py) at the suite's shapes.
 
-One fresh process (TRITON_INTERPRET unset: the launchers take their GPU paths) runs every op at the benchmark
-suite's shapes under a CUDA view of CPU tensors, binds each launch as a CUDA device would (16-byte aligned
-pointers and integers divisible by 16 get ``tt.divisibility``, integers equal to 1 become constants),
-compiles every autotune config the kernels' own pruning keeps for sm_90a in 2 processes (each distinct binary
-once; Triton's cache is reused within the run and across runs) and replays the memory-bound op calls in the
-interpreter to count their bytes. The checks, each a test:
+One fresh process (TRITON_INTERPRET unset: the launchers take their GPU paths) runs the ops at the readiness
+shapes (the cases of benchmarks/static_cases.py marked ``acceptance``: attention at D=32/64/128, contrastive
+at B=32768, LayerNorm, the token ops) under a CUDA view of CPU tensors, binds each launch as a CUDA device
+would (16-byte aligned pointers and integers divisible by 16 get ``tt.divisibility``, integers equal to 1
+become constants), compiles every autotune config the kernels' own pruning keeps for sm_90a in 2 processes
+(each distinct binary once; Triton's cache is reused within the run and across runs) and replays the
+memory-bound op calls in the interpreter to count their bytes. The checks, each a test:
 
 * every config that can be launched fits in sm_90's 227 KB of shared memory per block and spills no register;
 * every bf16/fp16 dot in the attention and contrastive kernels lowers to wgmma (no mma.sync, no FMA);
@@ -14,8 +15,9 @@ interpreter to count their bytes. The checks, each a test:
 * a memory-bound op call (roll, gather and its backward, DropToken / masking and their backward with
   positions, LayerNorm forward and backward) moves at most 1.15x its minimum bytes.
 
-The instrument itself is checked first on probe kernels with known answers (binding, vector widths, cp.async,
-wgmma, byte counts), so a check cannot pass because the instrument went blind.
+The committed report (every case, every kernel of kernels/) is checked to hold every kernel the launchers
+launch. The instrument itself is checked first on probe kernels with known answers (binding, vector widths,
+cp.async, wgmma, byte counts), so a check cannot pass because the instrument went blind.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from fastvl.benchmarks import static_sm90
+from fastvl.benchmarks import static_capture, static_sm90
 from fastvl.benchmarks.static_compile import occupancy, scan_llir, scan_ptx, scan_ttgir, tile_loads
 
 pytestmark = pytest.mark.skipif(
@@ -215,32 +218,79 @@ def test_tile_loads_are_matched_to_the_instructions_of_their_source_line():
     ]
 
 
+# ---- the committed report covers every kernel --------------------------------------------------
+
+
+def _launched_kernels() -> dict[str, set[str]]:
+    """{module: @triton.jit functions no other code of the module calls}: the kernels its launchers launch."""
+    out = {}
+    kdir = os.path.join(ROOT, "kernels")
+    for name in sorted(os.listdir(kdir)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(kdir, name)) as f:
+            src = f.read()
+        jit = re.findall(r"@triton\.jit[^\n]*\n\s*def (\w+)\(", src)
+        kernels = {k for k in jit if not re.search(rf"\b{k}\(", src.replace(f"def {k}(", ""))}
+        if kernels:
+            out[name[:-3]] = kernels
+    return out
+
+
+def test_committed_report_has_every_case_and_every_kernel_of_kernels_dir():
+    """benchmarks/results/sm_90-static/ is the report of the current cases and kernels (regenerate it with
+    ``fastvl bench --static sm90`` and the README section with ``python benchmarks/readme.py``)."""
+    launched = _launched_kernels()
+    assert set(launched) == set(static_capture.MODULES), "static_capture.MODULES must name every kernel module"
+    with open(os.path.join(ROOT, "benchmarks", "results", static_sm90.DIR_NAME, "results.json")) as f:
+        rows = json.load(f)
+    assert {r["device"] for r in rows} == {static_sm90.LABEL} and {r["device_kind"] for r in rows} == {"static"}
+    for k in ("torch", "triton", "commit", "timestamp"):
+        assert all(r[k] for r in rows), k
+    assert _cases_and_modes(rows) == {c.label: {"fwd", "bwd"} for c in static_sm90.cases()}
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        if r["metric"] == "static_kernel":
+            seen.setdefault(r["figures"]["module"], set()).add(r["figures"]["kernel"])
+    missing = {m: sorted(ks - seen.get(m, set())) for m, ks in launched.items() if ks - seen.get(m, set())}
+    assert not missing, f"kernels the committed static report never launched: {missing}"
+
+
 # ---- the report at the suite's shapes --------------------------------------------------------
+
+
+ACCEPTANCE = [c for c in static_sm90.cases() if c.acceptance]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    """The report of the readiness shapes only (the full report, every kernel of kernels/, is the command's:
+    ``fastvl bench --static sm90``, committed under benchmarks/results/sm_90-static/)."""
     out = tmp_path_factory.mktemp("static")
-    cmd = [sys.executable, "-m", "fastvl.benchmarks.static_sm90", "--out", str(out), "--jobs", "2"]
+    ops = ",".join(c.label for c in ACCEPTANCE)
+    cmd = [sys.executable, "-m", "fastvl.benchmarks.static_sm90", "--ops", ops, "--out", str(out), "--jobs", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=3600, cwd=ROOT)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     rows = json.loads((out / "results.json").read_text())
     return rows, static_sm90.check(rows), out
 
 
-def test_report_covers_every_case_and_kernel_module(report):
+def _cases_and_modes(rows: list[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in rows:
+        out.setdefault(f"{r['op']} {r['x_value']}", set()).add(r["mode"])
+    return out
+
+
+def test_report_covers_every_readiness_case(report):
     rows, failures, out = report
     assert not failures["capture"], _failures(failures["capture"])
     assert {r["device"] for r in rows} == {static_sm90.LABEL} and {r["device_kind"] for r in rows} == {"static"}
-    labels = {f"{r['op']} {r['x_value']}" for r in rows}
-    for case in static_sm90.select([]):
-        assert case.label in labels, case.label
-        modes = {r["mode"] for r in rows if f"{r['op']} {r['x_value']}" == case.label}
-        assert modes == {"fwd", "bwd"}, (case.label, modes)
+    assert _cases_and_modes(rows) == {c.label: {"fwd", "bwd"} for c in ACCEPTANCE}
     modules = {r["figures"]["module"] for r in rows if r["metric"] == "static_kernel"}
     assert modules == {"roll", "tokens", "attention", "layer_norm", "contrastive"}, modules
     bytes_cases = {f"{r['op']} {r['x_value']}" for r in rows if r["metric"] == "static_bytes"}
-    assert bytes_cases == {c.label for c in static_sm90.select([]) if c.memory_bound}
+    assert bytes_cases == {c.label for c in ACCEPTANCE if c.memory_bound}
     md = (out / "results.md").read_text()
     assert f"# fastvl static report: {static_sm90.LABEL}" in md and "not timings" in md
 
