@@ -151,7 +151,9 @@ def masking_case() -> StaticCase:
         return Built(fwd, bwd, {"fwd": fmin, "bwd": bmin}, b)
 
     cfg = {"B": B, "L": L, "C": C, "mask_ratio": ratio, "pos": True, "dtype": "bf16"}
-    return StaticCase("tokens", "random_masking", "All-in-one-B frames", cfg, build, True, 16)
+    # replays at 24 and 48 samples: the pos rows some sample keeps saturate near L by then (as at 96); at 6 and 12
+    # samples a kernel that reads every pos row once shows an excess that shrinks with the batch, not an affine one
+    return StaticCase("tokens", "random_masking", "All-in-one-B frames", cfg, build, True, 4)
 
 
 def gather_case(unique: bool) -> StaticCase:
