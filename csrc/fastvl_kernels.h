@@ -22,7 +22,8 @@ int fastvl_gather(const void* src, const void* idx, int idx_is_int64, const void
                   int64_t B, int64_t J, int64_t C, int64_t n_valid, int64_t ssb, int64_t ssl, int64_t isb,
                   int64_t isj, int64_t psl, cudaStream_t stream);
 
-// acc (B, L, C) float32 contiguous, pre-zeroed: acc[b, idx[b, j]] += grad[b, j] (atomics).
+// acc (B, L, C) float32 contiguous, pre-zeroed: acc[b, idx[b, j]] += grad[b, j] (atomics) for 0 <= idx < L;
+// other indices add nothing.
 int fastvl_scatter_add(const void* grad, const void* idx, int idx_is_int64, float* acc, int dtype, int64_t B,
                        int64_t J, int64_t C, int64_t L, int64_t sgb, int64_t sgj, int64_t isb, int64_t isj,
                        cudaStream_t stream);

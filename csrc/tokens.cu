@@ -1,4 +1,5 @@
-// Token gather (+ positional embedding on the fly, out-of-range rows zeroed) and scatter-add backward.
+// Token gather (+ positional embedding on the fly, out-of-range rows zeroed) and scatter-add backward
+// (out-of-range indices skipped, as the forward zeroes their rows).
 #include "fastvl_kernels.h"
 #include "vec.cuh"
 
@@ -77,6 +78,7 @@ __global__ void scatter_add_kernel(const T* __restrict__ grad, const I* __restri
   if (row >= rows) return;
   const int64_t b = row / J, j = row - b * J;
   const int64_t id = (int64_t)idx[b * isb + j * isj];
+  if (id < 0 || id >= L) return;  // the forward gathered a zero row: no gradient to add, nothing written
   const T* g = grad + b * sgb + j * sgj;
   float* a = acc + (b * L + id) * C;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) atomicAdd(a + c, to_float(g[c]));

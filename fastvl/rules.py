@@ -65,3 +65,14 @@ def keep_rate(op: str, rate) -> float:
 def mask_ratio(op: str, ratio) -> float:
     """MAE's ``mask_ratio`` in ``[0, 1)``."""
     return validate.number(op, "mask_ratio", ratio, lo=0.0, hi=1.0, lo_open=False, hi_open=True)
+
+
+# ---- random draws (DropToken, MAE / tube masking) ----------------------------------------------
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The ``(1,)`` int64 seed a kernel's draw keys Philox with, in ``[0, 2**62)``: taken from ``generator`` (or
+    the global generator of ``device``'s type) on its own device, then moved to ``device`` without a sync."""
+    gdev = generator.device if generator is not None else device
+    s = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
+    return s.to(device, non_blocking=True)

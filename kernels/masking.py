@@ -33,20 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import empty, on_tensor_device
+from .utils import draw_key, empty, on_tensor_device, sm_count
 
 NORM_NONE = 0
 NORM_PATCH = 1  # MAE's norm_pix_loss: statistics over the whole patch, (x - mean) / sqrt(var + eps)
 NORM_CHANNEL = 2  # VideoMAE / SimVTP: statistics per channel, (x - mean) / (std + eps)
 MAX_PATCH_PIXELS = 2048  # tubelet * patch * patch, each rounded up to a power of 2: one patch held on chip
 MAX_TOKENS = (1 << 20) - 1  # the draw packs token indices in 20 bits
-NOMINAL_SMS = 132  # an H100's SM count, used to size grids where no GPU is present (the interpreter)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return NOMINAL_SMS
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -58,22 +51,6 @@ def _warps(elems: int) -> int:
 
 
 # ---- tube masking ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _tube_key(seed, noise_ptr, tube64, n, N, s_nt, HAS_NOISE: tl.constexpr):
-    m = n < N
-    n64 = n.to(tl.int64)
-    if HAS_NOISE:
-        nz = tl.load(noise_ptr + tube64 * s_nt + n64, mask=m, other=0.0)
-        nz = tl.where(nz == 0.0, 0.0, nz)  # -0.0 ties with +0.0, as in argsort
-        bits = nz.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        # IEEE-754 bits -> unsigned key in float order (negatives reversed, below the positives)
-        key = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
-    else:
-        r0, r1, r2, r3 = tl.randint4x(seed, tube64 * N + n64)
-        key = (r0.to(tl.int64) & 0xFFFFFFFF) * 256 + (r1.to(tl.int64) & 255)  # 40 random bits
-    return tl.where(m, key * 1048576 + n64, 0x3FFFFFFFFFFFFFFF)
 
 
 @triton.jit
@@ -99,6 +76,7 @@ def _tube_mask_kernel(
     s_pn,
     s_pc,
     s_nt,
+    s_nn,
     HAS_NOISE: tl.constexpr,
     HAS_POS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -114,10 +92,10 @@ def _tube_mask_kernel(
     for i0 in range(0, N, BLOCK_N):
         i = i0 + tl.arange(0, BLOCK_N)
         im = i < N
-        ki = _tube_key(seed, noise_ptr, tube64, i, N, s_nt, HAS_NOISE)
+        ki = draw_key(seed, noise_ptr, tube64, i, N, s_nt, s_nn, HAS_NOISE)
         rank = tl.zeros([BLOCK_N], dtype=tl.int32)
         for j0 in range(0, N, BLOCK_N):
-            kj = _tube_key(seed, noise_ptr, tube64, j0 + tl.arange(0, BLOCK_N), N, s_nt, HAS_NOISE)
+            kj = draw_key(seed, noise_ptr, tube64, j0 + tl.arange(0, BLOCK_N), N, s_nt, s_nn, HAS_NOISE)
             rank += tl.sum((kj[None, :] < ki[:, None]).to(tl.int32), axis=1)
         kept = im & (rank < K)
         r64 = rank.to(tl.int64)
@@ -174,7 +152,7 @@ def tube_mask(
     BLOCK_C = max(16, min(_pow2(C), 64))
     n_cblocks = triton.cdiv(C, BLOCK_C)
     if c_split is None:
-        c_split = max(1, min(n_cblocks, triton.cdiv(4 * _sm_count(x.device), B * n_tubes)))
+        c_split = max(1, min(n_cblocks, triton.cdiv(4 * sm_count(x.device), B * n_tubes)))
     if seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     s_pt = (N * pos.stride(0) if pos.shape[0] == T * N else 0) if pos is not None else 0
@@ -200,6 +178,7 @@ def tube_mask(
         pos.stride(0) if pos is not None else 0,
         pos.stride(1) if pos is not None else 0,
         noise.stride(0) if noise is not None else 0,
+        noise.stride(1) if noise is not None else 0,
         HAS_NOISE=noise is not None,
         HAS_POS=pos is not None,
         BLOCK_N=BLOCK_N,
@@ -218,7 +197,7 @@ def _restore_blocks(L: int, C: int, B: int, device: torch.device, splits: int | 
     BLOCK_L = max(1, min(_pow2(L), 4096 // BLOCK_C))
     n_lc = triton.cdiv(L, BLOCK_L) * triton.cdiv(C, BLOCK_C)
     if splits is None:
-        splits = triton.cdiv(4 * _sm_count(device), n_lc)
+        splits = triton.cdiv(4 * sm_count(device), n_lc)
     rows = triton.cdiv(B, max(1, min(B, splits)))
     return BLOCK_L, BLOCK_C, rows, triton.cdiv(B, rows)
 

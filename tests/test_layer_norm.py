@@ -145,6 +145,42 @@ def test_module_is_a_torch_layer_norm(backend):
         m(randn(2, 7, 31))
 
 
+@pytest.mark.skipif(not KERNELS or DEV.type == "cuda", reason="forces GPU block shapes under the Triton interpreter")
+@pytest.mark.parametrize(
+    "M,C,sms,dtype",
+    [
+        (45, 1000, 2, torch.float32),  # 4 rows x 1024 per step, 2 programs per SM looping over many steps
+        (45, 1000, 132, torch.float16),  # one step per program
+        (9, 5000, 2, torch.float16),  # one 8192-wide row per step, 16 warps
+        (7, 9000, 2, torch.float32),  # wider than one pass: row sums, then 2048-column chunks (ragged last)
+    ],
+)
+def test_gpu_configs_in_interpreter(M, C, sms, dtype):
+    # the block shapes, persistent grid and two-stage dW/dB the launchers pick on an H100, at odd sizes,
+    # forward and backward (residual, affine) against float64
+    from fastvl.kernels.utils import gpu_configs
+
+    x, r = (randn(M, C, dtype=torch.float64).to(dtype).requires_grad_(True) for _ in range(2))
+    w = (1 + 0.5 * randn(C, dtype=torch.float64)).float().requires_grad_(True)
+    b = randn(C, dtype=torch.float64).float().requires_grad_(True)
+    with gpu_configs(sms):
+        y, h = fastvl.ops.layer_norm(x, w, b, 1e-6, r, backend="triton")
+        gy, gh = randn(M, C, dtype=torch.float64).to(dtype), randn(M, C, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad((y, h), (x, r, w, b), (gy, gh))
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, r, w, b)]
+    hh = leaves[0] + leaves[1]
+    yy = F.layer_norm(hh, (C,), leaves[2], leaves[3], 1e-6)
+    ref_grads = torch.autograd.grad((yy, hh), leaves, (gy.double(), gh.double()))
+    same = [t.detach().to(dtype).requires_grad_(True) for t in (x, r, w, b)]  # PyTorch, all in x's dtype
+    hs = same[0] + same[1]
+    ys = F.layer_norm(hs, (C,), same[2], same[3], 1e-6)
+    same_grads = torch.autograd.grad((ys, hs), same, (gy, gh))
+    assert_close(y, yy, dtype, torch_same_dtype=ys, name="y")
+    assert_close(h, hh, dtype, torch_same_dtype=hs, name="h")
+    for name, a, rf, sm in zip(("x", "residual", "weight", "bias"), grads, ref_grads, same_grads):
+        assert_close(a, rf, dtype, torch_same_dtype=sm, name=f"grad {name}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("C", [384, 768, 1024, 4096, 16384])

@@ -96,6 +96,27 @@ def test_kernel_other_fractions(backend, fraction):
     assert torch.equal(out, roll_reference(x, T, 5, f))
 
 
+@pytest.mark.skipif(DEV.type == "cuda" or not KERNELS, reason="forces GPU block shapes under the Triton interpreter")
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 200), (torch.float16, 1000)])
+def test_gpu_configs_in_interpreter(dtype, C):
+    # the GPU's channel blocks (200 fp32: 8 x 32, not one 256 block; 1000 fp16: one 1024 block, ragged) and
+    # token blocks, forward and backward, exact
+    from fastvl.kernels.utils import gpu_configs
+
+    T, text, L = 3, 7, 37
+    x64 = randn(2 * T, text + L, C, dtype=torch.float64)
+    x = noncontiguous(x64.to(dtype)).requires_grad_(True)
+    with gpu_configs():
+        out = fastvl.ops.temporal_token_roll(x, T, text_len=text, backend="triton")
+        g64 = randn(*out.shape, dtype=torch.float64)
+        out.backward(g64.to(dtype))
+    f = L // 8
+    assert torch.equal(out.double(), roll_reference(x64, T, text, f).to(dtype).double())
+    x64r = x64.clone().requires_grad_(True)
+    roll_reference(x64r, T, text, f).backward(g64)
+    assert torch.equal(x.grad.double(), x64r.grad.to(dtype).double())
+
+
 def test_inverse_roll_round_trip():
     x = randn(6, 40, 8, device="cpu")
     y = roll_reference(x, 3, 0, 5, 1)

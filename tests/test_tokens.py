@@ -5,7 +5,7 @@ from scipy.stats import chisquare
 import fastvl
 from fastvl import BackendError
 from fastvl.ops.tokens import MODE_DROP, MODE_MASK, draw_op, gather_reference
-from fastvl.testing import assert_close, device, dtypes_to_test, kernel_backends, noncontiguous, randn
+from fastvl.testing import assert_close, device, dtypes_to_test, interpret, kernel_backends, noncontiguous, randn
 
 DEV = device()
 KERNELS = kernel_backends()
@@ -229,6 +229,137 @@ def test_random_masking_with_pos_and_negative_noise(backend):
     assert_close(vis, ev.double(), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+def test_random_masking_signed_zero_noise_ties(backend):
+    # -0.0 and +0.0 are equal keys: ties broken by token index, as argsort(stable=True) breaks them
+    B, L = 4, 23
+    noise = torch.zeros(B, L, device=DEV)
+    noise[torch.rand(B, L, device=DEV) < 0.5] = -0.0
+    noise[:, ::5] = torch.rand(B, len(range(0, L, 5)), device=DEV) - 0.5
+    assert bool(torch.signbit(noise).any()) and bool((noise == 0).any())
+    x = randn(B, L, 8)
+    vis, mask, ids_restore = fastvl.ops.random_masking(x, 0.6, noise=noise, backend=backend)
+    ev, em, er = mae_random_masking(x, 0.6, noise)
+    assert torch.equal(ids_restore, er) and torch.equal(mask, em) and torch.equal(vis, ev)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_random_masking_strided_noise(backend, layout):
+    # the noise tensor's column stride is honoured: a transposed or sliced view orders tokens like its values
+    B, L, C = 6, 37, 8
+    x = randn(B, L, C)
+    if layout == "transposed":
+        noise = torch.rand(L, B, device=DEV).t()  # strides (1, B)
+    else:
+        noise = torch.rand(B, 3 * L, device=DEV)[:, ::3]  # strides (3L, 3)
+    assert not noise.is_contiguous()
+    vis, mask, ids_restore = fastvl.ops.random_masking(x, 0.75, noise=noise, backend=backend)
+    ev, em, er = mae_random_masking(x, 0.75, noise.contiguous())
+    assert torch.equal(ids_restore, er) and torch.equal(mask, em) and torch.equal(vis, ev)
+    keep, inv, m = _draw(backend, B, L, 9, MODE_MASK, seed=0, noise=noise)
+    assert torch.equal(inv, er) and torch.equal(keep, torch.argsort(er, dim=1)[:, :9])
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+@pytest.mark.parametrize("unique", [False, True])
+def test_gather_out_of_range_indices_without_bounds_check(backend, unique):
+    # check_bounds=False and indices outside [0, L): the forward gathers zero rows, the backward drops their
+    # gradient (never written out of bounds: the next sample's rows would catch a stray write), like the reference
+    B, L, C = 3, 11, 24
+    x = randn(B, L, C, dtype=torch.float64 if backend == "reference" else torch.float32).requires_grad_(True)
+    pos = randn(L, C, dtype=x.dtype).requires_grad_(True)
+    idx = torch.tensor([[L, 0, 5, -1], [2, L + 7, 3, 10], [4, 6, -5, L]], device=DEV)
+    out = fastvl.ops.gather_tokens(x, idx, pos, unique_indices=unique, check_bounds=False, backend=backend)
+    bad = (idx < 0) | (idx >= L)
+    assert torch.equal(out[bad], torch.zeros_like(out[bad]))
+    g = randn(*out.shape, dtype=x.dtype)
+    out.backward(g)
+    xr = x.detach().double().requires_grad_(True)
+    pr = pos.detach().double().requires_grad_(True)
+    ref = gather_reference(xr, idx, pr)
+    assert torch.equal(out.double(), ref.to(x.dtype).double())
+    ref.backward(g.double())
+    assert_close(x.grad, xr.grad, x.dtype, name="grad x")
+    assert_close(pos.grad, pr.grad, x.dtype, name="grad pos")
+    # the scatter op itself, on every index row layout
+    if backend != "reference":
+        from fastvl.ops.tokens import scatter_op
+
+        dx, dpos = scatter_op(g, idx, None, L, True, True, backend)
+        assert_close(dx, xr.grad, x.dtype, name="scatter dx")
+        assert_close(dpos, pr.grad, x.dtype, name="scatter dpos")
+
+
+# ---- the GPU configurations, run by the interpreter ------------------------------------------
+
+interp_only = pytest.mark.skipif(not interpret(), reason="forces GPU block shapes under the Triton interpreter")
+
+
+@interp_only
+@pytest.mark.parametrize("sms", [2, 132])
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 250), (torch.float16, 1000)])
+def test_gpu_configs_gather_and_backward(dtype, C, sms):
+    # the block shapes, batch groups and loops the launchers pick on an H100 (sm count 132, or 2 so each
+    # program loops longer), at odd sizes, forward and backward against float64: per-sample and shared
+    # indices, with and without pos, unique (inverse map) and repeating (counting sort) indices
+    from fastvl.kernels.utils import gpu_configs
+
+    B, L, K = 5, 37, 13
+    with gpu_configs(sms):
+        for shared, unique, with_pos in [(False, True, True), (False, False, True), (True, True, True),
+                                         (True, False, False), (False, True, False)]:  # fmt: skip
+            x = randn(B, L, C, dtype=torch.float64).to(dtype).requires_grad_(True)
+            pos = randn(L, C, dtype=torch.float64).to(dtype).requires_grad_(True) if with_pos else None
+            rows = 1 if shared else B
+            if unique:
+                idx = torch.stack([torch.randperm(L)[:K] for _ in range(rows)])
+            else:
+                idx = torch.randint(0, L, (rows, K))
+            out = fastvl.ops.gather_tokens(x, idx, pos, unique_indices=unique, backend="triton")
+            xr = x.detach().double().requires_grad_(True)
+            pr = pos.detach().double().requires_grad_(True) if with_pos else None
+            ref = gather_reference(xr, idx, pr)
+            assert torch.equal(out.double(), ref.to(dtype).double()), (shared, unique, with_pos)
+            g = randn(B, K, C, dtype=torch.float64).to(dtype)
+            out.backward(g)
+            ref.backward(g.double())
+            assert_close(x.grad, xr.grad, dtype, name=f"grad x {shared, unique, with_pos}")
+            if with_pos:
+                assert_close(pos.grad, pr.grad, dtype, rtol=1e-2 if dtype == torch.float16 else None, name="grad pos")
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sms", [2, 132])
+def test_gpu_configs_drop_and_mask(dtype, sms):
+    # DropToken (shared draw) and masking (per sample, pos written through the inverse map) with GPU configs
+    from fastvl.kernels.utils import gpu_configs
+
+    B, L, C = 7, 45, 1000
+    with gpu_configs(sms):
+        for op in ("drop", "mask"):
+            x = randn(B, L, C, dtype=torch.float64).to(dtype).requires_grad_(True)
+            pos = randn(L, C, dtype=torch.float64).to(dtype).requires_grad_(True)
+            if op == "drop":
+                out, ids = fastvl.ops.drop_tokens(x, 0.5, pos=pos, backend="triton")
+            else:
+                noise = torch.rand(B, L)
+                out, mask, restore = fastvl.ops.random_masking(x, 0.75, noise=noise, pos=pos, backend="triton")
+                ids = torch.argsort(noise, dim=1, stable=True)[:, : out.shape[1]]
+                assert torch.equal(restore, torch.argsort(torch.argsort(noise, dim=1, stable=True), dim=1))
+            xr = x.detach().double().requires_grad_(True)
+            pr = pos.detach().double().requires_grad_(True)
+            ref = gather_reference(xr, ids, pr)
+            assert torch.equal(out.double(), ref.to(dtype).double()), op
+            g = randn(*out.shape, dtype=torch.float64).to(dtype)
+            out.backward(g)
+            ref.backward(g.double())
+            assert_close(x.grad, xr.grad, dtype, name=f"{op} grad x")
+            assert_close(pos.grad, pr.grad, dtype, rtol=1e-2 if dtype == torch.float16 else None, name=f"{op} grad pos")
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 
@@ -339,3 +470,26 @@ def test_gpu_masking_large(dtype):
         assert torch.equal(vis, ev)
         kept, ids = fastvl.ops.drop_tokens(x, 0.5, pos=pos, backend=backend)
         assert torch.equal(kept, gather_reference(x.detach(), ids, pos))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unique", [True, False])
+def test_gpu_backward_bf16(unique):
+    # bf16 at a VATT-M-like shape: the fused dx + dpos backward (inverse map, or counting sort for repeats)
+    B, L, C, K = 16, 1568, 1024, 784
+    x = torch.randn(B, L, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(L, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if unique:
+        idx = torch.argsort(torch.rand(B, L, device="cuda"), dim=1)[:, :K]
+    else:
+        idx = torch.randint(0, L, (B, K), device="cuda")
+    for backend in kernel_backends("triton", "cuda"):
+        x.grad = pos.grad = None
+        out = fastvl.ops.gather_tokens(x, idx, pos, unique_indices=unique, backend=backend)
+        g = torch.randn_like(out)
+        out.backward(g)
+        xr = x.detach().double().requires_grad_(True)
+        pr = pos.detach().double().requires_grad_(True)
+        gather_reference(xr, idx, pr).backward(g.double())
+        assert_close(x.grad, xr.grad, torch.bfloat16, name=f"{backend} grad x")
+        assert_close(pos.grad, pr.grad, torch.bfloat16, rtol=5e-2, name=f"{backend} grad pos")

@@ -190,12 +190,6 @@ _restore_op.register_autograd(_restore_backward, setup_context=_restore_setup)
 # ---- tube_masking ------------------------------------------------------------------------------
 
 
-def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gdev = generator.device if generator is not None else device
-    s = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
-    return s.to(device, non_blocking=True)
-
-
 def _positions(op: str, pos, shapes: list[tuple[int, ...]], like: tuple[str, torch.Tensor]) -> torch.Tensor | None:
     """``pos`` (one of ``shapes``, each 2-D or 3-D) flattened to 2-D ``(rows, C)``."""
     if pos is None:
@@ -284,7 +278,11 @@ def tube_masking(
         x, num_frames, mask_ratio, tube=tube, generator=generator, noise=noise, pos=pos, backend=backend
     )  # fmt: skip
     (name,) = plan.choose()
-    seed = _seed(generator, x.device) if plan.noise is None else torch.zeros(1, dtype=torch.int64, device=x.device)
+    seed = (
+        rules.draw_seed(generator, x.device)
+        if plan.noise is None
+        else torch.zeros(1, dtype=torch.int64, device=x.device)
+    )
     return _tube_op(x, seed, plan.noise, plan.pos, plan.num_frames, plan.tube, plan.K, x.dtype, name)
 
 

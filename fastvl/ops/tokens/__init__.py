@@ -3,10 +3,12 @@
 Three registry ops serve the public functions:
   ``gather_tokens``  out[b, k] = x[b, idx[b, k]] (+ pos[idx[b, k]]); backward below
   ``scatter_tokens`` the backward: zeros with rows scattered back, duplicates summed (fp32 accumulation),
-                     or, when the inverse map is known (indices unique), a gather of the gradient
+                     or, when the inverse map is known (indices unique), a copy of the gradient through it;
+                     with ``need_pos`` also the positional gradient (the sum over the batch), in the same pass
   ``draw_tokens``    a uniform random order per row: the first K of it (kept) and its inverse map
 The Triton path is two launches for drop/mask: draw (pairwise ranking of Philox keys, no sort) and
-gather (+pos on the fly); the backward is one gather launch through the inverse map.
+gather (+pos on the fly, written through the inverse map when that reads pos once); the backward is one
+launch through the inverse map, producing dx and the pos gradient together.
 """
 
 from __future__ import annotations
@@ -33,33 +35,40 @@ __all__ = [
     "prepare_gather",
     "prepare_masking",
     "random_masking",
+    "scatter_op",
     "scatter_reference",
 ]
 
 # ---- custom ops ----------------------------------------------------------------------------
 
 
-@custom_op("scatter_tokens", "(Tensor grad, Tensor idx, Tensor? inv, SymInt L, str backend) -> Tensor")
-def _scatter_op(grad, idx, inv, L, backend):
-    """Gather's backward on ``backend``: a gather through the inverse map ``inv`` when the indices are unique
-    (``backend`` names a gather_tokens backend), else a scatter-add (a scatter_tokens backend)."""
-    if inv is not None:
-        return implementation("gather_tokens", backend)(grad, inv, None, idx.shape[1])
-    return implementation("scatter_tokens", backend)(grad, idx, L)
+@custom_op(
+    "scatter_tokens",
+    "(Tensor grad, Tensor idx, Tensor? inv, SymInt L, bool need_dx, bool need_pos, str backend) -> (Tensor, Tensor)",
+)
+def scatter_op(grad, idx, inv, L, need_dx, need_pos, backend):
+    """Gather's backward on scatter_tokens backend ``backend``: ``(dx (B, L, C) or empty, dpos (L, C) = dx.sum(0)
+    or empty)``. ``inv (B or 1, L)``, the slot of each token (>= K when none), promises unique indices."""
+    return implementation("scatter_tokens", backend)(grad, idx, inv, L, need_dx, need_pos)
 
 
-@_scatter_op.register_fake
-def _(grad, idx, inv, L, backend):
-    return grad.new_empty(grad.shape[0], L, grad.shape[2])
+@scatter_op.register_fake
+def _(grad, idx, inv, L, need_dx, need_pos, backend):
+    dx = grad.new_empty(grad.shape[0], L, grad.shape[2]) if need_dx else grad.new_empty(0)
+    return dx, grad.new_empty(L, grad.shape[2]) if need_pos else grad.new_empty(0)
 
 
 @custom_op(
-    "gather_tokens", '(Tensor x, Tensor idx, Tensor? pos, Tensor? inv, str backend, str scatter_backend="") -> Tensor'
+    "gather_tokens",
+    '(Tensor x, Tensor idx, Tensor? pos, Tensor? inv, str backend, str scatter_backend="", '
+    "bool exact_inverse=False) -> Tensor",
 )
-def _gather_op(x, idx, pos, inv, backend, scatter_backend=""):
-    """``backend``: the gather's (and, with ``inv``, its backward's); ``scatter_backend``: the backward's scatter
-    (default: ``backend``)."""
-    return implementation("gather_tokens", backend)(x, idx, pos, x.shape[1])
+def _gather_op(x, idx, pos, inv, backend, scatter_backend="", exact_inverse=False):
+    """``backend``: the gather's; ``scatter_backend``: the backward's (default: ``backend``); ``inv``: the inverse
+    map the backward copies through (unique indices), or None. ``exact_inverse``: ``inv`` is the inverse of an
+    idx whose every entry is valid (a draw's), so the forward may write through it (pos read once, not once
+    per sample)."""
+    return implementation("gather_tokens", backend)(x, idx, pos, x.shape[1], inv if exact_inverse else None)
 
 
 @_gather_op.register_fake
@@ -68,11 +77,11 @@ def _(x, idx, *rest):
 
 
 def _gather_setup(ctx, inputs, output):
-    x, idx, pos, inv, backend, scatter_backend = inputs
+    x, idx, pos, inv, backend, scatter_backend = inputs[:6]
     ctx.save_for_backward(idx, inv)
     ctx.L = x.shape[1]
     ctx.has_pos = pos is not None
-    ctx.backend = backend if inv is not None else (scatter_backend or backend)
+    ctx.backend = scatter_backend or backend
 
 
 def _gather_backward(ctx, grad):
@@ -81,11 +90,11 @@ def _gather_backward(ctx, grad):
     need_x = ctx.needs_input_grad[0]
     need_pos = ctx.has_pos and ctx.needs_input_grad[2]
     if need_x or need_pos:
-        full = _scatter_op(grad.contiguous(), idx, inv, ctx.L, ctx.backend)
-        gx = full if need_x else None
-        if need_pos:
-            gpos = full.sum(0, dtype=torch.float32).to(grad.dtype)
-    return gx, None, gpos, None, None, None
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()  # the cuda kernels read whole rows
+        dx, dpos = scatter_op(grad, idx, inv, ctx.L, need_x, need_pos, ctx.backend)
+        gx = dx if need_x else None
+        gpos = dpos if need_pos else None
+    return gx, None, gpos, None, None, None, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -147,6 +156,13 @@ def _gather_request(x, idx, pos, backend) -> Request:
     return Request(Call("gather_tokens", {"x": x, "idx": idx, "pos": pos}), backend, helper=True)
 
 
+def _scatter_request(x, K, idx, backend) -> Request:
+    """The backward of a gather of ``K`` rows of ``x`` at ``idx``, planned with the forward."""
+    grad = placeholder((x.shape[0], K, x.shape[2]), x.dtype, x.device)
+    scatter = Call("scatter_tokens", {"grad": grad, "idx": idx}, {"L": x.shape[1]})
+    return Request(scatter, backend, helper=True, role="backward")
+
+
 @dataclasses.dataclass
 class GatherPlan(Plan):
     idx: torch.Tensor  # (B or 1, K)
@@ -176,13 +192,14 @@ def prepare_gather(x, idx, pos=None, *, unique_indices=False, check_bounds=True,
     inv = None
     if _needs_grad(x, pos):
         K = idx.shape[1]
+        requests.append(_scatter_request(x, K, idx, backend))
         if unique_indices:
-            inv = torch.full((idx.shape[0], x.shape[1]), K, dtype=torch.int64, device=x.device)
-            inv.scatter_(1, idx.long(), torch.arange(K, device=x.device).expand(idx.shape[0], K))
-        else:
-            grad = placeholder((x.shape[0], K, x.shape[2]), x.dtype, x.device)
-            scatter = Call("scatter_tokens", {"grad": grad, "idx": idx}, {"L": x.shape[1]})
-            requests.append(Request(scatter, backend, helper=True, role="backward"))
+            L = x.shape[1]
+            at = idx.long()
+            at = torch.where((at >= 0) & (at < L), at, L)  # out-of-range indices: a spare column, dropped
+            inv = torch.full((idx.shape[0], L + 1), K, dtype=torch.int64, device=x.device)
+            inv.scatter_(1, at, torch.arange(K, device=x.device).expand(idx.shape[0], K))
+            inv = inv[:, :L]
     return GatherPlan(requests, idx, pos, inv)
 
 
@@ -199,21 +216,16 @@ def gather_tokens(
     """Gather tokens: ``x (B, L, C)``, ``idx (B, K)`` (or ``(K,)`` / ``(1, K)`` shared by the batch,
     int32/int64 in ``[0, L)``) -> ``(B, K, C)``; with ``pos (L, C)``, ``pos[idx]`` is added on the fly.
 
-    Backward scatters into zeros, duplicate indices summed (fp32 accumulation). ``unique_indices=True``
-    promises no duplicates and turns the backward into a deterministic gather. ``check_bounds`` costs one
-    device sync; turn it off for indices you generated.
+    Backward scatters into zeros, duplicate indices summed in fp32, in a fixed order (deterministic).
+    ``unique_indices=True`` promises no duplicates and turns the backward into a copy through the inverse
+    map. ``check_bounds`` costs one device sync; turn it off for indices you generated. Without it, an
+    index outside ``[0, L)`` gathers a zero row and its gradient is dropped (never written out of bounds).
     """
     plan = prepare_gather(
         x, idx, pos, unique_indices=unique_indices, check_bounds=check_bounds, backend=backend
     )  # fmt: skip
     names = plan.choose()
     return _gather_op(x, plan.idx, plan.pos, plan.inv, names[0], names[1] if len(names) > 1 else "")
-
-
-def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    gdev = generator.device if generator is not None else device
-    s = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
-    return s.to(device, non_blocking=True)
 
 
 @dataclasses.dataclass
@@ -231,6 +243,8 @@ def _draw_plan(x, K, rows, noise, pos, backend) -> DrawPlan:
     draw = Call("draw_tokens", {"seed": seed, "noise": noise}, {"L": L, "K": K, "rows": rows})
     keep = placeholder((rows, K), torch.int64, x.device)
     requests = [Request(draw, backend, helper=True), _gather_request(x, keep, pos, backend)]
+    if _needs_grad(x, pos):
+        requests.append(_scatter_request(x, K, keep, backend))
     return DrawPlan(requests, rows, L, K, noise, pos)
 
 
@@ -270,10 +284,10 @@ def drop_tokens(
     plan = prepare_drop(x, keep_rate, per_sample=per_sample, generator=generator, pos=pos, backend=backend)
     if not plan.requests:
         return x, torch.arange(plan.L, device=x.device).expand(x.shape[0], plan.L)
-    draw_backend, gather_backend = plan.choose()
-    seed = _seed(generator, x.device)
+    draw_backend, gather_backend, *scatter_backend = plan.choose()
+    seed = rules.draw_seed(generator, x.device)
     keep, inv, _ = draw_op(seed, None, plan.rows, plan.L, plan.K, MODE_DROP, x.dtype, x.device, draw_backend)
-    kept = _gather_op(x, keep, plan.pos, inv if _needs_grad(x, plan.pos) else None, gather_backend)
+    kept = _gather_op(x, keep, plan.pos, inv, gather_backend, "".join(scatter_backend), True)
     return kept, keep.expand(x.shape[0], plan.K)
 
 
@@ -313,11 +327,14 @@ def random_masking(
     on every backend (MAE-exact); otherwise each backend draws from ``generator`` (or the global seed).
     """
     plan = prepare_masking(x, mask_ratio, generator=generator, noise=noise, pos=pos, backend=backend)
-    draw_backend, gather_backend = plan.choose()
-    seed = _seed(generator, x.device) if plan.noise is None else torch.zeros(1, dtype=torch.int64, device=x.device)
+    draw_backend, gather_backend, *scatter_backend = plan.choose()
+    seed = (
+        rules.draw_seed(generator, x.device)
+        if plan.noise is None
+        else torch.zeros(1, dtype=torch.int64, device=x.device)
+    )
     keep, ids_restore, mask = draw_op(
         seed, plan.noise, plan.rows, plan.L, plan.K, MODE_MASK, x.dtype, x.device, draw_backend
     )
-    need_grad = _needs_grad(x, plan.pos)
-    visible = _gather_op(x, keep, plan.pos, ids_restore if need_grad else None, gather_backend)
+    visible = _gather_op(x, keep, plan.pos, ids_restore, gather_backend, "".join(scatter_backend), True)
     return visible, mask, ids_restore

@@ -26,11 +26,16 @@ def gather_reference(
 
 
 def scatter_reference(grad: torch.Tensor, idx: torch.Tensor, L: int) -> torch.Tensor:
-    """(B, L, C) zeros with out[b, idx[b, j]] += grad[b, j]; fp32 accumulation, duplicates summed."""
+    """(B, L, C) zeros with out[b, idx[b, j]] += grad[b, j]; fp32 accumulation, duplicates summed.
+
+    Indices outside [0, L) take nothing (the forward gathered zeros for them): their gradient is dropped."""
     B, J, C = grad.shape
-    acc = torch.zeros(B, L, C, dtype=torch.float32, device=grad.device)
-    acc.scatter_add_(1, idx.long().expand(B, J)[..., None].expand(B, J, C), grad.float())
-    return acc.to(grad.dtype)
+    idx = idx.long().expand(B, J)
+    idx = torch.where((idx >= 0) & (idx < L), idx, L)
+    ct = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(B, L + 1, C, dtype=ct, device=grad.device)
+    acc.scatter_add_(1, idx[..., None].expand(B, J, C), grad.to(ct))
+    return acc[:, :L].to(grad.dtype).contiguous()
 
 
 def draw_reference(
