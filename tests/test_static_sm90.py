@@ -222,18 +222,20 @@ def test_tile_loads_are_matched_to_the_instructions_of_their_source_line():
 
 
 def _launched_kernels() -> dict[str, set[str]]:
-    """{module: @triton.jit functions no other code of the module calls}: the kernels its launchers launch."""
-    out = {}
+    """{module: its @triton.jit functions no code of kernels/ calls}: the kernels the launchers launch."""
     kdir = os.path.join(ROOT, "kernels")
+    sources = {}
     for name in sorted(os.listdir(kdir)):
-        if not name.endswith(".py"):
-            continue
-        with open(os.path.join(kdir, name)) as f:
-            src = f.read()
+        if name.endswith(".py"):
+            with open(os.path.join(kdir, name)) as f:
+                sources[name[:-3]] = f.read()
+    everything = "\n".join(sources.values())
+    out = {}
+    for module, src in sources.items():
         jit = re.findall(r"@triton\.jit[^\n]*\n\s*def (\w+)\(", src)
-        kernels = {k for k in jit if not re.search(rf"\b{k}\(", src.replace(f"def {k}(", ""))}
+        kernels = {k for k in jit if not re.search(rf"(?<!def )\b{k}\(", everything)}
         if kernels:
-            out[name[:-3]] = kernels
+            out[module] = kernels
     return out
 
 
