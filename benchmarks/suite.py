@@ -8,7 +8,8 @@ A *family module* is any ``benchmarks/bench_*.py`` exposing ``FAMILY: str`` and
 cases (tests/test_bench.py holds ``OPS`` to what the cases use). A module that fails to import is reported
 with its error, not fatal.
 
-    fastvl bench [--ops tokens,attention] [--models allinone-b] [--quick] [--limits] [--out DIR]
+    fastvl bench [--ops tokens,attention] [--models allinone-b] [--match TEXT] [--quick] [--limits] [--out DIR]
+    fastvl bench --static sm90 [--ops ...]   (no timings: the static sm_90 report, benchmarks/static_sm90.py)
     python -m benchmarks ...   (same options)
 """
 
@@ -154,6 +155,11 @@ def _matches(case: Case, family: str, names: set[str]) -> bool:
     return family in names or case.op in names or any(op in names for op in case.covered_ops())
 
 
+def case_text(case: Case) -> str:
+    """What ``--match`` searches: ``op mode x=value config``."""
+    return f"{case.op} {case.mode} {case.x_name}={case.x_value} {common.config_text(common.case_config(case.config))}"
+
+
 def select_cases(
     disc: Discovery,
     ops: list[str],
@@ -161,10 +167,12 @@ def select_cases(
     quick: bool,
     max_cases: int | None,
     errors: dict[str, str] | None = None,
+    match: list[str] | None = None,
 ) -> Iterator[tuple[str, Case]]:
     """(family, case) pairs of the selection, generated lazily (a case's tensors live while it is measured).
 
-    A family whose case generator raises is recorded in ``errors`` (family -> error) and skipped, not fatal.
+    ``match``: keep only cases whose :func:`case_text` contains one of these strings. A family whose case
+    generator raises is recorded in ``errors`` (family -> error) and skipped, not fatal.
     """
     names = set(ops)
     run_all = not ops and not models
@@ -188,6 +196,8 @@ def select_cases(
                         case = next(it)
                     except StopIteration:
                         break
+                    if match and not any(m in case_text(case) for m in match):
+                        continue
                     if run_all or is_model or _matches(case, fam.name, names):
                         n += 1
                         yield fam.name, case
@@ -431,10 +441,27 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="CPU timing rounds per provider (default: adaptive)")
     p.add_argument("--max-cases", type=int, default=None, help="at most N cases per family (smoke runs)")
     p.add_argument("--skip-providers", default=None, help="comma-separated providers not to run (e.g. compile)")
+    p.add_argument(
+        "--match",
+        default=None,
+        help="comma-separated strings: only cases whose 'op mode x=value config' text contains one "
+        "(e.g. 'shape=All-in-one-B,B=32768')",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--fresh", action="store_true", help="overwrite results.json instead of merging into it")
     p.add_argument("--list", action="store_true", help="list the selected cases and the op coverage, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--static",
+        default=None,
+        metavar="TARGET",
+        help="no timings: the static report of what a GPU would run (sm90: every launch at the suite's shapes, "
+        "compiled for sm_90a; registers, spills, shared memory, occupancy, MMA, tile loads, bytes per op call) "
+        "to benchmarks/results/sm_90-static/ (see benchmarks/static_sm90.py)",
+    )
+    p.add_argument("--jobs", type=int, default=None, help="--static: compile processes (default 2)")
+    p.add_argument("--no-bytes", action="store_true", help="--static: skip the interpreter replay that counts bytes")
+    p.add_argument("--check", action="store_true", help="--static: exit 1 when a Hopper readiness check fails")
     return p
 
 
@@ -470,15 +497,13 @@ def _compile_room() -> Iterator[None]:
             setattr(dc, k, v)
 
 
-def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
-    ops, models = _split(args.ops), _split(args.models)
-    disc = discover(package)
-    for stem, err in disc.errors.items():
-        _say(f"[bench] {stem}: not used: {err}")
-    env = common.environment()
-    cpu = env["device_kind"] == "cpu"
+def check_names(disc: Discovery, ops: list[str], models: list[str]) -> str | None:
+    """Why the ``--ops`` / ``--models`` names select nothing (one line), or None when they are known.
 
-    # names must be families, registry ops, public ops, or ops of some case (scanned at --quick sizes)
+    Names must be families, registry ops, public ops, or ops of some case (scanned at --quick sizes); models
+    must be known to a model family. ``--models`` without any model family is an error only when no ``--ops``
+    selection is left to run (otherwise it is said and the run goes on).
+    """
     known = set(disc.families) | set(registry_ops()) | set(public_ops())
     unknown = [n for n in ops if n not in known]
     if unknown:
@@ -487,52 +512,57 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
     if unknown:
         fams = ", ".join(sorted(disc.families)) or "none"
         names = ", ".join(sorted(set(registry_ops()) | set(public_ops())))
-        _say(f"[bench] --ops: unknown name(s) {', '.join(unknown)}; families: {fams}; ops: {names}")
-        return 2
+        return f"[bench] --ops: unknown name(s) {', '.join(unknown)}; families: {fams}; ops: {names}"
     model_fams = [f for f in disc.families.values() if f.has_models()]
     if models and not model_fams:
-        _say(
+        msg = (
             f"[bench] --models {','.join(models)}: no model benchmark family is registered yet (a bench_*.py with "
             "FAMILY and model_cases(names, quick)); no model was measured"
         )
         if not ops:
-            return 2
-    elif models:
+            return msg
+        _say(msg)
+    if models:
         known_models = set().union(*[set(f.models or ()) for f in model_fams])
         open_ended = any(f.models is None for f in model_fams)
         bad = [m for m in models if m != "all" and not open_ended and m not in known_models]
         if bad:
-            _say(f"[bench] --models: unknown model(s) {', '.join(bad)}; known: {', '.join(sorted(known_models))}")
-            return 2
+            return f"[bench] --models: unknown model(s) {', '.join(bad)}; known: {', '.join(sorted(known_models))}"
+    return None
 
-    if args.list:
-        for fam, case in select_cases(disc, ops, models, args.quick, args.max_cases):
-            _say(
-                f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value} providers={','.join(case.providers)} "
-                f"covers={','.join(case.covered_ops())} bound={case.limit_kind()} "
-                f"[{common.config_text(common.case_config(case.config))}]"
-            )
-        cov, errs = coverage(disc, quick=True)
-        for fam, e in errs.items():
-            _say(f"[bench] {fam}: cases failed: {e}")
-        missing = [op for op, cs in cov.items() if not cs]
-        _say("ops without a benchmark case: " + (", ".join(missing) if missing else "none"))
-        return 0
 
+def list_selection(disc: Discovery, ops: list[str], models: list[str], args: argparse.Namespace) -> None:
+    """``--list``: the selected cases (nothing run) and the registered ops no case covers."""
+    for fam, case in select_cases(disc, ops, models, args.quick, args.max_cases, match=_split(args.match)):
+        _say(
+            f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value} providers={','.join(case.providers)} "
+            f"covers={','.join(case.covered_ops())} bound={case.limit_kind()} "
+            f"[{common.config_text(common.case_config(case.config))}]"
+        )
+    cov, errs = coverage(disc, quick=True)
+    for fam, e in errs.items():
+        _say(f"[bench] {fam}: cases failed: {e}")
+    missing = [op for op, cs in cov.items() if not cs]
+    _say("ops without a benchmark case: " + (", ".join(missing) if missing else "none"))
+
+
+def previous_rows(args: argparse.Namespace, env: dict[str, str]) -> tuple[str, list[dict]] | str:
+    """(output directory, rows kept from its results.json), or why that file cannot be merged into."""
     out_dir = os.path.abspath(args.out or common.default_out_dir())
     path = os.path.join(out_dir, "results.json")
     old_rows = common.read_rows(path) if os.path.exists(path) and not args.fresh else []
     if other := {r["device"] for r in old_rows} - {env["device"]}:
-        _say(
+        return (
             f"[bench] {path} holds rows of another device ({', '.join(sorted(other))}): "
             "use another --out, or --fresh to overwrite it"
         )
-        return 2
-    os.makedirs(out_dir, exist_ok=True)
-    if cpu:
-        _say(f"[bench] CPU run on {env['device']}: CPU timings, not GPU figures")
+    return out_dir, old_rows
+
+
+def device_limits(measure: bool) -> dict[str, Any]:
+    """The device's copy bandwidth and matmul rate: measured (and cached) when asked or never cached."""
     lim_path = common.limits_path()
-    if args.limits or not os.path.exists(lim_path):
+    if measure or not os.path.exists(lim_path):
         _say(f"[bench] measuring device limits (copy bandwidth, matmul rate) -> {lim_path}")
         lim = common.limits(measure=True)
     else:
@@ -543,26 +573,37 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
             f"[bench] limits: copy {lim['bandwidth_gbps']:.4g} GB/s, {lim.get('matmul_dtype', '')} matmul "
             f"{lim['matmul_tflops']:.4g} TFLOP/s"
         )
-    if args.limits and not ops and not models:
-        return 0  # `--limits` alone: measure and cache the limits, nothing else
+    return lim
 
-    skip = _split(args.skip_providers)
+
+@dataclasses.dataclass
+class Measured:
+    rows: list[dict]
+    errors: dict[str, dict[str, str]]  # case label -> provider -> error
+    seen_ops: set[str]
+
+
+def measure(disc: Discovery, ops: list[str], models: list[str], args: argparse.Namespace, env) -> Measured:
+    """Run every selected case (a progress bar on stderr, one line per case); failures are recorded."""
+    from tqdm import tqdm
+
     rows: list[dict] = []
     errors: dict[str, dict[str, str]] = {}
     family_errors: dict[str, str] = {}
     seen_ops: set[str] = set()
-    from tqdm import tqdm
-
+    skip = _split(args.skip_providers)
     bar = tqdm(unit="case", desc="bench", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     with _compile_room():
         try:
-            selected = select_cases(disc, ops, models, args.quick, args.max_cases, family_errors)
+            selected = select_cases(
+                disc, ops, models, args.quick, args.max_cases, family_errors, match=_split(args.match)
+            )
             for fam, case in selected:
-                bar.set_postfix_str(f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}")
+                label = f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}"
+                bar.set_postfix_str(label)
                 seen_ops |= {case.op, *case.covered_ops()}
                 rs = common.run_case(case, env, memory=not args.no_memory, rounds=args.rounds, family=fam, skip=skip)
                 rows += rs
-                label = f"{fam}: {case.op} {case.mode} {case.x_name}={case.x_value}"
                 if case.config.get("errors"):
                     errors[label] = dict(case.config["errors"])
                 times = ", ".join(f"{r['provider']} {r['median']:.3g}" for r in rs if r["metric"] == "time_ms")
@@ -573,15 +614,15 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
     for fam, e in family_errors.items():
         _say(f"[bench] family {fam}: its cases failed, skipped: {e}")
         errors[f"{fam}: case generation"] = {"-": e}
-    if fam_ops := [n for n in ops if n not in disc.families and n not in seen_ops]:
-        _say(f"[bench] --ops: no benchmark case covers {', '.join(fam_ops)}")
-    if not rows:
-        _say("[bench] nothing was measured")
-        return 2
+    return Measured(rows, errors, seen_ops)
 
-    all_rows = merge_rows(old_rows, rows)
-    common.write_rows(all_rows, path)
-    for r in all_rows[: len(all_rows) - len(rows)]:  # provider errors of the cases kept from earlier runs
+
+def write_outputs(out_dir: str, old_rows: list[dict], m: Measured, lim: dict[str, Any]) -> list[dict]:
+    """Merge the new rows into results.json; write results.md and one plot per family; returns all rows."""
+    all_rows = merge_rows(old_rows, m.rows)
+    common.write_rows(all_rows, os.path.join(out_dir, "results.json"))
+    errors = dict(m.errors)
+    for r in all_rows[: len(all_rows) - len(m.rows)]:  # provider errors of the cases kept from earlier runs
         if r["metric"] == "time_ms" and r["config"].get("errors"):
             label = f"{r['family']}: {r['op']} {r['mode']} {r['x_name']}={r['x_value']}"
             errors.setdefault(label, dict(r["config"]["errors"]))
@@ -592,11 +633,47 @@ def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
         if msg:
             _say(f"[bench] {msg}")
             break
-    _say(common.markdown_table(rows))
-    for case, errs in errors.items():
+    return all_rows
+
+
+def run(args: argparse.Namespace, package: str = PACKAGE) -> int:
+    """The suite: check the selection, list it or measure it, write the outputs (``--static``: the static report)."""
+    if getattr(args, "static", None):
+        return importlib.import_module(f"{package}.static_sm90").run(args)
+    ops, models = _split(args.ops), _split(args.models)
+    disc = discover(package)
+    for stem, err in disc.errors.items():
+        _say(f"[bench] {stem}: not used: {err}")
+    if (why := check_names(disc, ops, models)) is not None:
+        _say(why)
+        return 2
+    if args.list:
+        list_selection(disc, ops, models, args)
+        return 0
+    env = common.environment()
+    prev = previous_rows(args, env)
+    if isinstance(prev, str):
+        _say(prev)
+        return 2
+    out_dir, old_rows = prev
+    os.makedirs(out_dir, exist_ok=True)
+    if env["device_kind"] == "cpu":
+        _say(f"[bench] CPU run on {env['device']}: CPU timings, not GPU figures")
+    lim = device_limits(args.limits)
+    if args.limits and not ops and not models:
+        return 0  # `--limits` alone: measure and cache the limits, nothing else
+    m = measure(disc, ops, models, args, env)
+    if fam_ops := [n for n in ops if n not in disc.families and n not in m.seen_ops]:
+        _say(f"[bench] --ops: no benchmark case covers {', '.join(fam_ops)}")
+    if not m.rows:
+        _say("[bench] nothing was measured")
+        return 2
+    all_rows = write_outputs(out_dir, old_rows, m, lim)
+    _say(common.markdown_table(m.rows))
+    for case, errs in m.errors.items():
         for p, e in errs.items():
             _say(f"[bench] {case} / {p} failed: {e}")
-    _say(f"[bench] wrote {len(all_rows)} rows ({len(rows)} new) to {out_dir} (results.json, results.md, plots)")
+    _say(f"[bench] wrote {len(all_rows)} rows ({len(m.rows)} new) to {out_dir} (results.json, results.md, plots)")
     return 0
 
 

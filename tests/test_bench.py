@@ -9,13 +9,15 @@ import json
 import math
 import os
 import runpy
+import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 
 import pytest
 import torch
-from fastvl.benchmarks import common, readme, suite
+from fastvl.benchmarks import common, readme, static_sm90, suite
 
 from fastvl import backends
 from fastvl.cli import main as cli_main
@@ -348,6 +350,15 @@ def test_selection_by_op_and_merge_of_reruns(toy_pkgs, tmp_path):
     assert json.loads((out / "results.json").read_text()) == merged
 
 
+def test_match_keeps_the_cases_whose_text_contains_a_string(toy_pkgs, tmp_path, capsys):
+    plain, _ = toy_pkgs
+    out = tmp_path / "out"
+    assert _run(plain, "--ops", "toy", "--match", "n=2", "--out", str(out), "--no-memory") == 0
+    assert {r["x_value"] for r in json.loads((out / "results.json").read_text())} == {2}
+    assert _run(plain, "--ops", "toy", "--match", "n=7", "--out", str(tmp_path / "none"), "--no-memory") == 2
+    assert "nothing was measured" in capsys.readouterr().out
+
+
 def test_measure_providers_alternates_after_warmup_and_drops_failures():
     calls = []
 
@@ -514,6 +525,129 @@ def test_readme_section_from_gpu_results_only(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "No GPU results are committed yet" in readme.render(str(empty), str(tmp_path))
+
+
+def _static_rows() -> list[dict]:
+    env = {**_env("static", static_sm90.LABEL), "commit": "abc123"}
+    cfg = {"D": 64, "dtype": "bf16"}
+    kernel = {
+        "kernel": "_attn_fwd", "module": "attention", "launch": 0, "config": "BLOCK_M=128 BLOCK_N=64 w4 s3",
+        "autotuned": True, "n_configs": 2, "grid": [2, 1152, 1], "programs": 2304, "num_warps": 4, "num_stages": 3,
+        "registers": 240, "spill_stores": 0, "spill_loads": 0, "stack": 0, "shared": 24576, "target": "sm_90a",
+        "wgmma": {"bf16": 32}, "mma_sync": {}, "dots": {"wgmma:bf16": 2}, "ld_global": {"2": 192}, "st_global": {},
+        "cp_async": {}, "tma": 0, "blocks_per_sm": 2, "warps_per_sm": 8, "limit": "registers", "waves": 8.7,
+        "mma": "wgmma bf16", "tile_loads": "ld 2B x3",
+        "tiles": [{"line": "attention.py:183", "shape": "128x64", "dtype": "bf16", "how": "ld", "widths": [2]}],
+    }  # fmt: skip
+    spill = {**kernel, "config": "BLOCK_M=64 BLOCK_N=64 w4 s3", "registers": 255, "spill_stores": 24}
+    rows = []
+    for f in (kernel, spill):
+        r = common.row("flash_attention", "fastvl-triton", "fwd", "static_kernel", "shape", "All-in-one-B padded+roll",
+                       f["registers"], cfg, env, "attention")  # fmt: skip
+        r["figures"] = f
+        rows.append(r)
+    # a case outside the readiness test (its failures are reported apart)
+    merge = {**spill, "kernel": "_merge_kernel", "module": "merge", "wgmma": {}, "dots": {}, "tiles": []}
+    r = common.row("merge_tokens", "fastvl-triton", "fwd", "static_kernel", "shape", "VATT-M joint", 255, cfg, env,
+                   "merge")  # fmt: skip
+    r["figures"] = merge
+    rows.append(r)
+    rep = {"rows": 96, "div": 16, "sms": 8, "bytes": 200, "issued": 200, "min_bytes": 100, "launches": 1}
+    b = {
+        "ratio": 1.9, "issued_ratio": 1.9, "bytes": 190e6, "min_bytes": 100e6, "rows": 96, "launches": 3,
+        "triton_launches": 1, "per_kernel": {"_gather_kernel": 10**7}, "aten_ops": {"sum": 1}, "replays": [rep, rep],
+    }  # fmt: skip
+    r = common.row("drop_tokens", "fastvl-triton", "bwd", "static_bytes", "shape", "VATT-M", 1.9, cfg, env, "tokens")
+    r["figures"] = b
+    return rows + [r]
+
+
+def test_static_checks_and_readme_section(tmp_path):
+    rows = _static_rows()
+    ready, other = static_sm90.readiness_rows(rows)
+    assert [r["op"] for r in other] == ["merge_tokens"] and len(ready) == 3
+    assert static_sm90.check(other)["resources"] == [
+        "merge_tokens VATT-M joint fwd _merge_kernel [BLOCK_M=64 BLOCK_N=64 w4 s3]: spills 24 B stores / 0 B loads "
+        "(255 regs)"
+    ]
+    fails = static_sm90.check(ready)
+    assert (
+        len(fails["resources"]) == 1
+        and "BLOCK_M=64" in fails["resources"][0]
+        and "spills 24 B" in fails["resources"][0]
+    )
+    assert len(fails["tile loads"]) == 2 and "128x64 bf16 at attention.py:183: ld 2-byte" in fails["tile loads"][0]
+    assert not fails["wgmma"] and not fails["capture"]
+    assert len(fails["bytes"]) == 1 and "1.90x the minimum bytes" in fails["bytes"][0]
+    root = tmp_path / "benchmarks" / "results"
+    common.write_rows(rows, str(root / static_sm90.DIR_NAME / "results.json"))
+    md = tmp_path / "README.md"
+    md.write_text(
+        "# x\n\n<!-- perf:start -->\n<!-- perf:end -->\n\n## Performance, static\n\n"
+        f"{readme.STATIC_START}\nold\n{readme.STATIC_END}\n\n## Next\n"
+    )
+    assert readme.main(["--readme", str(md), "--results", str(root), "--check"]) == 1
+    assert readme.main(["--readme", str(md), "--results", str(root)]) == 0
+    assert readme.main(["--readme", str(md), "--results", str(root), "--check"]) == 0
+    text = md.read_text()
+    section = text[text.index(readme.STATIC_START) : text.index(readme.STATIC_END)]
+    assert "never timings" in section and "fastvl commit `abc123`" in section
+    assert "benchmarks/results/sm_90-static/results.md" in section
+    assert "**Hopper readiness checks** (`tests/test_static_sm90.py`): 4 failures" in section
+    assert "The same checks on the other cases (not part of the test): 1 failures (resources 1)." in section
+    assert (
+        "| flash_attention | All-in-one-B padded+roll | fwd | _attn_fwd | 2 | 240-255 | 1 | 24 | 2 | 8.7 | wgmma bf16 |"
+        in section
+    )
+    assert "| drop_tokens | VATT-M | bwd | 1.90x | 190.0 (100.0) | 3 (1 + 2) |" in section
+    assert "No GPU results are committed yet" in text  # the GPU section ignores static rows
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No static report is committed yet" in readme.render_static(str(empty), str(tmp_path))
+
+
+def test_static_report_command_line(capsys, tmp_path):
+    assert cli_main(["bench", "--static", "sm90", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for fam in ("attention", "contrastive", "layer_norm", "tokens"):
+        assert f"{fam}: " in listed
+    assert "temporal_token_roll All-in-one-B" in listed and "(bytes)" in listed
+    assert cli_main(["bench", "--static", "sm80", "--out", str(tmp_path)]) == 2
+    assert "unknown target 'sm80'" in capsys.readouterr().out
+    assert cli_main(["bench", "--static", "sm90", "--ops", "no_such_op", "--out", str(tmp_path)]) == 2
+    assert "no static case" in capsys.readouterr().out
+
+
+def test_repository_readme_has_the_static_section():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert "## Performance, static (sm_90 compiler figures, not timings)" in text
+    assert readme.STATIC_START in text and readme.STATIC_END in text
+
+
+@pytest.mark.slow
+def test_gpu_session_script_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_session.sh without a GPU: says so, runs every step at tiny sizes, leaves its 7 files."""
+    out = tmp_path / "session"
+    env = {**os.environ, "FASTVL_SESSION_BUDGET": "1800", "PYTHON": sys.executable}
+    res = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), str(out)],
+        capture_output=True, text=True, env=env, timeout=2000,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "no CUDA device here: dry run" in res.stdout
+    files = sorted(os.listdir(out))
+    assert files == ["env.txt", "limits.json", "plots.tar", "pytest_gpu.log", "results.json", "results.md",
+                     "session.log"]  # fmt: skip
+    log = (out / "session.log").read_text()
+    assert "stopped at its" not in log and "exit status" not in log and "skipped" not in log, log[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["device_kind"] for r in rows} == {"cpu"}
+    assert {"tokens", "layer_norm", "attention", "contrastive", "models"} <= {r["family"] for r in rows}
+    with tarfile.open(out / "plots.tar") as tar:
+        assert {"tokens.png", "models.png"} <= {os.path.basename(n) for n in tar.getnames()}
+    assert "test_gpu" in (out / "pytest_gpu.log").read_text()
+    assert "dry run" in (out / "env.txt").read_text()
 
 
 def test_repository_readme_performance_section_is_current():
