@@ -752,7 +752,7 @@ def build(fn, ptrs, constexprs, warps):
         if fn.params[i].is_constexpr or name in constexprs:
             sig[name] = "constexpr"
         else:
-            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps") else "i32")
+            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps", "cap2") else "i32")
     opts = {"num_warps": warps, "num_stages": 3}
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -760,8 +760,10 @@ bf = "*bf16"
 ptrs = dict(Q=bf, K=bf, V=bf, O=bf, DO=bf, DQ=bf, DK=bf, DV=bf, LSE="*fp32", DELTA="*fp32", KPM="*u8", SHIFT="*i32",
             CU_Q="*i32", CU_K="*i32", X=bf, R=bf, W=bf, B=bf, Y=bf, HS=bf, MEAN="*fp32", RSTD="*fp32", DY=bf, DH=bf,
             DX=bf, DW_PART="*fp32", DB_PART="*fp32", PART="*fp32", OUT=bf)
-ptrs.update(DQ_ACC="*fp32")
-every = dict(HEAD_DIM=96, VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
+ptrs.update(DQ_ACC="*fp32", BIAS="*fp32", DBIAS="*fp32", ALIBI_S="*fp32")
+plain = dict(HAS_BIAS=False, SOFTCAP=False, ALIBI=False, WINDOW=False, FRAMES=False, TEMPORAL=False)
+every = dict(plain, HEAD_DIM=96, VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
+feats = dict(every, HEAD_DIM=64, BLOCK_D=64, HAS_BIAS=True, SOFTCAP=True, ALIBI=True, WINDOW=True, FRAMES=True)
 build(A._attn_fwd, ptrs, dict(every, BLOCK_M=128, BLOCK_N=64), 8)
 build(A._attn_fwd, ptrs, dict(every, HEAD_DIM=64, BLOCK_D=64, VARLEN=True, ROLL=False, HAS_KPM=False, BLOCK_M=128,
                               BLOCK_N=64), 8)
@@ -769,6 +771,9 @@ build(A._attn_bwd_pre, ptrs, dict(HEAD_DIM=96, VARLEN=False, ROLL=True, ZERO_DQ=
 build(A._attn_bwd_kv, ptrs, dict(every, HEAD_DIM=128, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64), 8)
 build(A._attn_bwd_kv, ptrs, dict(every, ATOMIC_DQ=False, BLOCK_M=32, BLOCK_N=128), 8)
 build(A._attn_bwd_q, ptrs, dict(every, BLOCK_M=128, BLOCK_N=32), 8)
+build(A._attn_fwd, ptrs, dict(feats, BLOCK_M=128, BLOCK_N=64), 8)
+build(A._attn_bwd_kv, ptrs, dict(feats, TEMPORAL=True, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64), 8)
+build(A._attn_bwd_q, ptrs, dict(feats, BLOCK_M=128, BLOCK_N=64), 8)
 build(A._attn_bwd_dq_cast, dict(ptrs, DQ_ACC="*fp32"), dict(HEAD_DIM=96, VARLEN=False, BLOCK_M=64, BLOCK_D=128), 4)
 build(LN._ln_fwd, ptrs, dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_R=4, BLOCK_C=1024), 4)
 build(LN._ln_bwd, ptrs, dict(HAS_DH=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=4, BLOCK_C=1024), 4)
@@ -779,7 +784,8 @@ print("compiled")
 
 def test_kernels_compile_for_sm90():
     # the interpreter never lowers the kernels; this compiles the bf16 attention (roll + padding + causal,
-    # and varlen) and layer-norm kernels to an H100 cubin with Triton's bundled ptxas, no GPU needed
+    # varlen, and every score feature with windows and frame blocks) and layer-norm kernels to an H100 cubin
+    # with Triton's bundled ptxas, no GPU needed
     import importlib.util
     import os
     import subprocess
@@ -948,7 +954,7 @@ def naive_full(q, k, v, scale, *, causal=False, kpm=None, window=(-1, -1), softc
     i = torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
     j = torch.arange(Sk, device=q.device)[None, :]
     if alibi is not None:
-        s = s - alibi.reshape(-1, H, 1, 1) * (i - j).abs().to(s.dtype)
+        s = s - alibi.reshape(-1, H, 1, 1).to(s.dtype) * (i - j).abs().to(s.dtype)
     if bias is not None:
         s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]).to(s.dtype)
     vis = torch.ones(N, 1, Sq, Sk, dtype=torch.bool, device=q.device)
