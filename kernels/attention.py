@@ -443,24 +443,25 @@ def _attn_bwd_kv(
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one block of keys of one k/v head, looping over the GROUP q heads that read it (GQA) and the
+    """dK, dV of one block of keys for one q head (GQA: of the k/v head ``h // GROUP`` it reads), looping over the
     query blocks that can see it, in transposed tiles (keys on rows): ``P^T = exp2(K Q^T * scale - lse)``,
     ``dV += n_text^T dO``, ``dS^T = n_text^T (V dO^T - delta)``, ``dK += dS^T Q``; ATOMIC_DQ: also ``dQ[rows] += scale dS K``
     into the fp32 accumulator; HAS_BIAS: ``dbias[h, key] = sum over queries of dS`` (per q head)."""
-    n, hk, q0, len_q, k0, len_k, lrow0 = _sequence(H // GROUP, CU_Q, CU_K, Sq, Sk, VARLEN)
+    n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_K, Sq, Sk, VARLEN)
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < len_k
     nb_k = _batch_rows(n, offs_n, n_mask, SHIFT, T, ROLL)
-    hkk = hk.to(tl.int64)
-    k = _load_tile(K + hkk * skh, _rows(nb_k, k0, offs_n, skn, sks), offs_d, skd, n_mask, True, HEAD_DIM)
-    v = _load_tile(V + hkk * svh, _rows(nb_k, k0, offs_n, svn, svs), offs_d, svd, n_mask, True, HEAD_DIM)
+    hh = h.to(tl.int64)
+    hk = (h // GROUP).to(tl.int64)  # GQA: the k/v head this q head reads
+    k = _load_tile(K + hk * skh, _rows(nb_k, k0, offs_n, skn, sks), offs_d, skd, n_mask, True, HEAD_DIM)
+    v = _load_tile(V + hk * svh, _rows(nb_k, k0, offs_n, svn, svs), offs_d, svd, n_mask, True, HEAD_DIM)
     key_ok = _key_visible(offs_n, n_mask, nb_k, KPM, smn, sms, HAS_KPM)
     diag = len_k - len_q
     if WINDOW or FRAMES:
-        text_hi, lo, hi = _span(start_n, tl.minimum(BLOCK_N, len_k - start_n), len_q, diag, left, right, n_text, f_len, f_win,
-                                BLOCK_M, CAUSAL, WINDOW, FRAMES, False)  # fmt: skip
+        text_hi, lo, hi = _span(start_n, tl.minimum(BLOCK_N, len_k - start_n), len_q, diag, left, right, n_text,
+                                f_len, f_win, BLOCK_M, CAUSAL, WINDOW, FRAMES, False)  # fmt: skip
     else:
         text_hi = 0
         if CAUSAL:
@@ -470,40 +471,38 @@ def _attn_bwd_kv(
         hi = tl.where(start_n < len_k, len_q, 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        hh = h.to(tl.int64)
-        Q_h = Q + hh * sqh
-        DO_h = DO + hh * sdoh
-        DQ_h = DQ_ACC + hh * sah
-        L_h = LSE + hh * slh + lrow0
-        D_h = DELTA + hh * slh + lrow0
-        dbias = tl.zeros([BLOCK_N], tl.float32)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = _key_bias(BIAS + nb_k * sbn + hh * sbh, k0, offs_n, n_mask, sbs)[:, None]
-        slope = 0.0
-        if ALIBI:
-            slope = tl.load(ALIBI_S + n * sal_n + h * sal_h) * 1.4426950408889634
-        if FRAMES:
-            for start_m in range(0, text_hi, BLOCK_M):
-                dk, dv, dbias = _bwd_kv_block(
-                    dk, dv, dbias, k, v, key_ok, bias, Q_h, DO_h, DQ_h, L_h, D_h, SHIFT, n, T, q0, len_q, start_m, offs_n,
-                    offs_d, sqn, sqs, sqd, sdon, sdos, sdod, san, sas, sad, qk_scale, sm_scale, slope, cap2, diag, left,
-                    right, n_text, f_len, f_win, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, BLOCK_M,
-                    HEAD_DIM, PRECISION,
-                )  # fmt: skip
-        for start_m in range(lo, hi, BLOCK_M):
+    Q_h = Q + hh * sqh
+    DO_h = DO + hh * sdoh
+    DQ_h = DQ_ACC + hh * sah
+    L_h = LSE + hh * slh + lrow0
+    D_h = DELTA + hh * slh + lrow0
+    dbias = tl.zeros([BLOCK_N], tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _key_bias(BIAS + nb_k * sbn + hh * sbh, k0, offs_n, n_mask, sbs)[:, None]
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(ALIBI_S + n * sal_n + h * sal_h) * 1.4426950408889634
+    if FRAMES:
+        for start_m in range(0, text_hi, BLOCK_M):
             dk, dv, dbias = _bwd_kv_block(
                 dk, dv, dbias, k, v, key_ok, bias, Q_h, DO_h, DQ_h, L_h, D_h, SHIFT, n, T, q0, len_q, start_m, offs_n,
                 offs_d, sqn, sqs, sqd, sdon, sdos, sdod, san, sas, sad, qk_scale, sm_scale, slope, cap2, diag, left,
-                right, n_text, f_len, f_win, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, BLOCK_M,
-                HEAD_DIM, PRECISION,
+                right, n_text, f_len, f_win, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES,
+                TEMPORAL, BLOCK_M, HEAD_DIM, PRECISION,
             )  # fmt: skip
-        if HAS_BIAS:
-            tl.store(DBIAS + nb_k * sgn + hh * sgh + (k0 + offs_n).to(tl.int64), dbias, mask=n_mask)
-    _store_tile(DK + hkk * sdkh, _rows(nb_k, k0, offs_n, sdkn, sdks), offs_d, sdkd, n_mask, dk * sm_scale, HEAD_DIM)
-    _store_tile(DV + hkk * sdvh, _rows(nb_k, k0, offs_n, sdvn, sdvs), offs_d, sdvd, n_mask, dv, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        dk, dv, dbias = _bwd_kv_block(
+            dk, dv, dbias, k, v, key_ok, bias, Q_h, DO_h, DQ_h, L_h, D_h, SHIFT, n, T, q0, len_q, start_m, offs_n,
+            offs_d, sqn, sqs, sqd, sdon, sdos, sdod, san, sas, sad, qk_scale, sm_scale, slope, cap2, diag, left,
+            right, n_text, f_len, f_win, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES,
+            TEMPORAL, BLOCK_M, HEAD_DIM, PRECISION,
+        )  # fmt: skip
+    if HAS_BIAS:
+        tl.store(DBIAS + nb_k * sgn + hh * sgh + (k0 + offs_n).to(tl.int64), dbias, mask=n_mask)
+    # dK, dV of this q head: into dk / dv (GROUP == 1) or a per-q-head fp32 scratch the launcher sums per group
+    _store_tile(DK + hh * sdkh, _rows(nb_k, k0, offs_n, sdkn, sdks), offs_d, sdkd, n_mask, dk * sm_scale, HEAD_DIM)
+    _store_tile(DV + hh * sdvh, _rows(nb_k, k0, offs_n, sdvn, sdvs), offs_d, sdvd, n_mask, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -985,16 +984,20 @@ def attention_backward(
         delta.sub_(dlse)
     sizes = (L.smn, L.sms, lse.stride(0), *L.bias_strides)
     tail = (L.H, L.T, L.Sq, L.Sk, L.scale * LOG2E, L.scale, *L.extra, L.bucket)
+    # GQA: dK, dV per q head in fp32, summed over each group of q heads after the kernel
+    dk_h = dk if L.group == 1 else empty((*k.shape[:-2], L.H, L.D), torch.float32, q.device)
+    dv_h = dv if L.group == 1 else empty((*v.shape[:-2], L.H, L.D), torch.float32, q.device)
     if L.Sk > 0:
         kv = _kv_dq if atomic else _kv
         g_strides = (0 if vl else dbias.stride(0), dbias.stride(1)) if dbias is not None else (0, 0)
         args = (
-            q, k, v, dout, dk, dv, dq_acc, lse, delta, L.kpm, L.shift, L.cu_q, L.cu_k, L.bias,
+            q, k, v, dout, dk_h, dv_h, dq_acc, lse, delta, L.kpm, L.shift, L.cu_q, L.cu_k, L.bias,
             dbias if dbias is not None else L.dummy.float(), L.alibi,
             *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(dout, vl),
-            *_strides(dk, vl), *_strides(dv, vl), *_strides(dq_acc, vl), *sizes, *g_strides, *L.alibi_strides, *tail,
+            *_strides(dk_h, vl), *_strides(dv_h, vl), *_strides(dq_acc, vl), *sizes, *g_strides, *L.alibi_strides,
+            *tail,
         )  # fmt: skip
-        grid = lambda meta: (triton.cdiv(L.Sk, meta["BLOCK_N"]), L.N * L.Hk)
+        grid = lambda meta: (triton.cdiv(L.Sk, meta["BLOCK_N"]), L.N * L.H)
         flags = dict(L.flags, ATOMIC_DQ=atomic)
         _run(kv, _attn_bwd_kv, grid, args, flags, config.get("kv_dq" if atomic else "kv"))
     if L.Sq > 0 and not atomic:
@@ -1014,11 +1017,98 @@ def attention_backward(
             dq_acc, dq, L.cu_q, *acc_st, *dq_st, L.H, s_rows,
             HEAD_DIM=L.D, VARLEN=False, BLOCK_M=rows_m, BLOCK_D=L.block_d,
         )  # fmt: skip
+    if L.group > 1:
+        for grad, per_head in ((dk, dk_h), (dv, dv_h)):
+            if L.Sk > 0:
+                grad.copy_(per_head.unflatten(-2, (L.Hk, L.group)).sum(-2))
+            else:
+                grad.zero_()
     if bias is None:
         return dq, dk, dv
     if L.Sk == 0:
         dbias.zero_()
     return dq, dk, dv, dbias if bias.shape[1] == L.H else dbias.sum(1, keepdim=True)
+
+
+# ---- attention rows ------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["H", "R", "Sk"])
+def _attn_rows(
+    Q, K, LSE, BIAS, KPM, OUT,
+    sqb, sqr, sqh, sqd, skb, sks, skh, skd, slb, slh, slr, sbb, sbh, sbs, smb, sms, sob, soh, sor, sos,
+    H, R, Sk, GROUP, qk_scale, cap2,
+    HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``out[b, h, r, j] = exp2(s(q_r, k_j) - lse[b, h, r] * log2(e))`` for one (key block, row block, b*h): the
+    scores as the forward computes them (base 2, softcap, key bias), zero at padded keys and rows with
+    ``lse = +inf``."""
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.program_id(2) // H
+    h = tl.program_id(2) % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_mask = offs_r < R
+    n_mask = offs_n < Sk
+    bb = b.to(tl.int64)
+    q = _load_tile(Q + bb * sqb + h.to(tl.int64) * sqh, offs_r.to(tl.int64) * sqr, offs_d, sqd, r_mask, True, HEAD_DIM)
+    hk = (h // GROUP).to(tl.int64)
+    k = _load_tile(K + bb * skb + hk * skh, offs_n.to(tl.int64) * sks, offs_d, skd, n_mask, True, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _key_bias(BIAS + bb * sbb + h.to(tl.int64) * sbh, 0, offs_n, n_mask, sbs)[None, :]
+    s, _t = _modify(s, 0, 0, bias, 0.0, 0, cap2, SOFTCAP, False, HAS_BIAS)
+    lse = tl.load(LSE + bb * slb + h.to(tl.int64) * slh + offs_r * slr, mask=r_mask, other=float("inf"))
+    keep = (lse < float("inf"))[:, None] & n_mask[None, :]
+    if HAS_KPM:
+        pad = tl.load(KPM + bb * smb + offs_n * sms, mask=n_mask, other=1)
+        keep = keep & (pad == 0)[None, :]
+    lse2 = tl.where(lse < float("inf"), lse * 1.4426950408889634, 0.0)
+    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    ptrs = OUT + bb * sob + h.to(tl.int64) * soh + offs_r.to(tl.int64)[:, None] * sor + offs_n[None, :] * sos
+    tl.store(ptrs, p, mask=r_mask[:, None] & n_mask[None, :])
+
+
+@on_tensor_device
+def attention_rows_forward(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Softmax rows from a saved LSE: q_rows ``(B, R, H, D)``, k ``(B, Sk, H_k, D)``, lse ``(B, H, R)`` natural
+    log fp32, ``key_bias`` fp32 ``(B, Hb, Sk)`` (Hb in {1, H}), ``key_padding_mask (B, Sk)`` bool -> ``(B, H, R,
+    Sk)`` fp32. One program per (key block, row block, b * h); never more than the output in memory."""
+    B, R, H, D = q_rows.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    out = empty((B, H, R, Sk), torch.float32, q_rows.device)
+    if out.numel() == 0:
+        return out
+    dummy = torch.empty(1, dtype=torch.float32, device=q_rows.device)
+    bias = key_bias if key_bias is not None else dummy
+    bst = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2)) if key_bias is not None \
+        else (0, 0, 0)  # fmt: skip
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else dummy
+    mst = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    block_d = _block_d(D)
+    block_r = max(16, min(64, triton.next_power_of_2(R)))
+    block_n = 64 if INTERPRET else (128 if block_d <= 64 else 64)
+    grid = (triton.cdiv(Sk, block_n), triton.cdiv(R, block_r), B * H)
+    _attn_rows[grid](
+        q_rows, k, lse, bias, kpm, out, *q_rows.stride(), *k.stride(), *lse.stride(), *bst, *mst, *out.stride(),
+        H, R, Sk, H // Hk, float(scale) * LOG2E, float(softcap) * LOG2E,
+        HEAD_DIM=D, HAS_BIAS=key_bias is not None, HAS_KPM=key_padding_mask is not None, SOFTCAP=softcap > 0,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q_rows.dtype),
+        num_warps=4 if INTERPRET or block_r * block_n <= 4096 else 8,
+    )  # fmt: skip
+    return out
 
 
 __all__ = [
@@ -1027,6 +1117,7 @@ __all__ = [
     "Features",
     "attention_backward",
     "attention_forward",
+    "attention_rows_forward",
     "gpu_configs",
     "smem_estimate",
     "tilings",

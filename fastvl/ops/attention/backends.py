@@ -327,6 +327,12 @@ backends.register(OP, "xformers", 25, XFORMERS, requires="xformers", peer=True, 
 
 backends.register(ROWS_OP, "reference", 0, Capabilities(features=ROWS_FEATURES),
                   forward=attention_rows_reference_forward)  # fmt: skip
+ROWS_TRITON = triton_kernel(
+    dtype_args=("q_rows",),
+    limits=(Limit("D", "head dim D", 128, why="the kernel keeps a (block, D) tile of q and k on chip"),),
+    features=ROWS_FEATURES,
+)
+backends.register(ROWS_OP, "triton", 20, ROWS_TRITON, requires="triton", forward=attention_rows_triton)
 
 
 def example(device: torch.device, small: bool):
