@@ -1546,3 +1546,47 @@ def test_op_dropout_seeded_by_generator_and_deterministic():
         assert torch.equal(a, b)  # the backward regenerates the same mask; deterministic: bitwise
     plain = fastvl.ops.flash_attention(q, k, v, backend="triton")
     assert not torch.allclose(runs[0][0], plain)
+
+
+# ---- windows skip whole tiles: NaN planted in tiles outside every window never reaches the outputs ------------
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+@pytest.mark.parametrize(
+    "S,features,poisoned,clean",
+    [
+        # frames of 64 tokens (one 64-row tile each), one frame's q/k/v poisoned; "clean": the rows whose outputs
+        # and gradients cannot depend on it (a gradient reaches two windows away: through the queries' LSE / delta)
+        (256, dict(frame_tokens=64, spatial_only=True), slice(128, 192), [slice(0, 128), slice(192, 256)]),
+        (384, dict(frame_tokens=64, frame_window=1), slice(320, 384), [slice(0, 192)]),
+        # a sliding window of 10 either side: the last tile is 128+ keys away from the first
+        (256, dict(window_size=(10, 10)), slice(192, 256), [slice(0, 64)]),
+    ],
+)
+def test_tiles_outside_the_window_are_not_visited(S, features, poisoned, clean):
+    # were a tile outside the window loaded and masked, 0 * NaN in its P @ V (or dS @ K, dS^T @ Q) would poison
+    # the outputs; it is skipped by the loop bounds, so every output outside the poisoned tile's window is finite
+    from fastvl.kernels.attention import Features
+
+    A = _kernels()
+    H, D = 1, 16
+    q, k, v = (randn(1, S, H, D) for _ in range(3))
+    for t in (q, k, v):
+        t[:, poisoned] = float("nan")
+    f = dict(features)
+    window = f.pop("window_size", (-1, -1))
+    feats = Features(window=window, frame_tokens=f.get("frame_tokens", 0),
+                     frame_window=0 if f.get("spatial_only") else f.get("frame_window", -1))  # fmt: skip
+    out, lse = A.attention_forward(q, k, v, scale=0.25, features=feats)
+    dout = torch.ones_like(out)
+    for det in (False, True):
+        dq, dk, dv = A.attention_backward(dout, q, k, v, out, lse, scale=0.25, features=feats, deterministic=det)
+        for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+            for rows in clean:
+                assert torch.isfinite(t[:, rows]).all(), (name, rows, det)
+        assert torch.isnan(out[:, poisoned]).all()  # the poisoned tile itself is read by its own window
+    # outside the poisoned tile's window the outputs do not depend on it: the reference on zeros there agrees
+    zeroed = [torch.nan_to_num(t, nan=0.0) for t in (q, k, v)]
+    ref = fastvl.ops.flash_attention(*zeroed, softmax_scale=0.25, backend="reference", **features)
+    for rows in clean:
+        torch.testing.assert_close(out[:, rows], ref[:, rows], rtol=1e-5, atol=1e-6)
