@@ -331,9 +331,10 @@ def feature_cases(quick: bool = False):
                 )
             per_mode: dict[str, dict] = {"fwd": {}, "full": {}}
             for prov, (layout, fn) in provs.items():
-                ins = [t.detach().requires_grad_(True) for t in base]
+                grad = not (prov == "flex" and dev == "cpu")  # FlexAttention refuses CPU inputs needing grad
+                ins = [t.detach().requires_grad_(grad) for t in base]
                 if layout == "bhsd":
-                    ins = [t.detach().transpose(1, 2).requires_grad_(True) for t in base]
+                    ins = [t.detach().transpose(1, 2).requires_grad_(grad) for t in base]
                 fwd, _bwd, full = _modes(fn, ins)
                 per_mode["fwd"][prov] = fwd
                 if not (prov == "flex" and dev == "cpu"):  # FlexAttention has no CPU backward
@@ -362,7 +363,8 @@ def flops_table(rows: list[dict]) -> str:
     for r in rows:
         if r["metric"] == "time_ms":
             c = r["config"]
-            by_case.setdefault((c["shape"], r["mode"], c["S"], c["D"], c["causal"]), {})[r["provider"]] = r
+            key = (c["shape"] + (f" {c['setting']}" if "setting" in c else ""), r["mode"], c["S"], c["D"], c["causal"])
+            by_case.setdefault(key, {})[r["provider"]] = r
     for (shape, mode, S, _d, _causal), provs in by_case.items():
         ref = provs.get("sdpa-flash")
         for prov, r in provs.items():
