@@ -1590,3 +1590,18 @@ def test_tiles_outside_the_window_are_not_visited(S, features, poisoned, clean):
     ref = fastvl.ops.flash_attention(*zeroed, softmax_scale=0.25, backend="reference", **features)
     for rows in clean:
         torch.testing.assert_close(out[:, rows], ref[:, rows], rtol=1e-5, atol=1e-6)
+
+
+def test_flops_count_the_attended_pairs():
+    # FlopCounterMode charges windowed / frame-block attention for the pairs it attends, not S x S
+    N, text, F, frames, H, D = 2, 1, 8, 4, 2, 16
+    S = text + F * frames
+    q = randn(N, S, H, D, device="cpu")
+    counts = {}
+    for name, kw in (("full", {}), ("w0", dict(frame_tokens=F, text_tokens=text, spatial_only=True))):
+        with FlopCounterMode(display=False) as m:
+            fastvl.ops.flash_attention(q, q, q, backend="reference", **kw)
+        counts[name] = m.get_total_flops()
+    assert counts["full"] == 4 * N * S * S * H * D
+    pairs = S * S - (frames * F) ** 2 + frames * F * F  # text rows / columns + the diagonal frame blocks
+    assert counts["w0"] == 4 * N * pairs * H * D
