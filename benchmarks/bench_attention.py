@@ -33,7 +33,7 @@ except ImportError:  # run as a script
     from common import Case, default_results_dir, environment, run_case, write_rows
 
 FAMILY = "attention"
-OPS = ("flash_attention",)  # every case op (the suite skips this family for selections naming none)
+OPS = ("flash_attention", "attention_rows")  # every case op (the suite skips this family for selections naming none)
 
 
 def eager_attention(q, k, v, causal=False, kpm=None):
@@ -208,6 +208,7 @@ def cases(quick: bool = False, sweep: bool = False):
                 flops,
                 bound="compute",
             )
+    yield from rows_cases(quick)
 
 
 # ---- score features and frame-block windows ------------------------------------------------------------
@@ -351,6 +352,27 @@ def feature_cases(quick: bool = False):
 def sdpa_masked(q, k, v, mask):
     """SDPA with a materialised additive mask (it then runs its math / efficient kernels, not flash)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def rows_cases(quick: bool = False):
+    """attention_rows: the CLS row's softmax over every key from the forward's LSE (SMAUG scoring) against the
+    eager way, the full S x S attention map then the row; forward only (selection takes no gradient)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, H, S, D, R = (2, 2, 65, 32, 1) if quick else (8, 16, 1569, 64, 1)
+    q, k = (torch.randn(B, S, H, D, device=dev, dtype=dtype) for _ in range(2))
+    _, lse = fastvl.ops.flash_attention(q, k, k, return_lse=True)
+    lse_rows = lse[:, :, :R].float().contiguous()
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    provs = {
+        "eager": lambda: ((qh * D**-0.5) @ kh.transpose(-2, -1)).float().softmax(-1)[:, :, :R],
+        "fastvl": lambda: fastvl.ops.attention_rows(q[:, :R], k, lse_rows),
+    }
+    cfg = {"shape": "VATT-M CLS rows" if not quick else "quick rows", "B": B, "H": H, "S": S, "D": D, "R": R,
+           "dtype": str(dtype), "causal": False}  # fmt: skip
+    esize = torch.finfo(dtype).bits // 8
+    yield Case("attention_rows", "fwd", "S", S, provs, cfg, B * S * H * D * esize + B * H * R * S * 4,
+               2 * B * H * R * S * D, covers=("attention_rows",), bound="compute")  # fmt: skip
 
 
 def flops_table(rows: list[dict]) -> str:
