@@ -852,7 +852,7 @@ def build(fn, ptrs, constexprs, warps):
         if fn.params[i].is_constexpr or name in constexprs:
             sig[name] = "constexpr"
         else:
-            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps", "cap2") else "i32")
+            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps", "cap2", "p_drop") else "i32")
     opts = {"num_warps": warps, "num_stages": 3}
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -861,9 +861,10 @@ ptrs = dict(Q=bf, K=bf, V=bf, O=bf, DO=bf, DQ=bf, DK=bf, DV=bf, LSE="*fp32", DEL
             CU_Q="*i32", CU_K="*i32", X=bf, R=bf, W=bf, B=bf, Y=bf, HS=bf, MEAN="*fp32", RSTD="*fp32", DY=bf, DH=bf,
             DX=bf, DW_PART="*fp32", DB_PART="*fp32", PART="*fp32", OUT=bf)
 ptrs.update(DQ_ACC="*fp32", BIAS="*fp32", DBIAS="*fp32", ALIBI_S="*fp32")
-plain = dict(HAS_BIAS=False, SOFTCAP=False, ALIBI=False, WINDOW=False, FRAMES=False, TEMPORAL=False)
+plain = dict(HAS_BIAS=False, SOFTCAP=False, ALIBI=False, WINDOW=False, FRAMES=False, TEMPORAL=False, DROPOUT=False)
 every = dict(plain, HEAD_DIM=96, VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
-feats = dict(every, HEAD_DIM=64, BLOCK_D=64, HAS_BIAS=True, SOFTCAP=True, ALIBI=True, WINDOW=True, FRAMES=True)
+feats = dict(every, HEAD_DIM=64, BLOCK_D=64, HAS_BIAS=True, SOFTCAP=True, ALIBI=True, WINDOW=True, FRAMES=True,
+             DROPOUT=True)
 build(A._attn_fwd, ptrs, dict(every, BLOCK_M=128, BLOCK_N=64), 8)
 build(A._attn_fwd, ptrs, dict(every, HEAD_DIM=64, BLOCK_D=64, VARLEN=True, ROLL=False, HAS_KPM=False, BLOCK_M=128,
                               BLOCK_N=64), 8)
