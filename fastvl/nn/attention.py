@@ -15,7 +15,9 @@ class Attention(nn.Module):
     ``proj_drop``; identical state-dict keys) running ``fastvl.ops.flash_attention``.
 
     ``forward(x (N, S, dim), key_padding_mask=None, frame_offsets=None, num_frames=1) -> (N, S, dim)``.
-    q, k and v are read in place from the qkv projection (strided, no permute copies). Extras for timm's
+    q, k and v are read in place from the qkv projection (strided, no permute copies); without q/k norms the
+    attention runs on the packed qkv (``fastvl.ops.flash_attention_qkvpacked``), so its backward writes the
+    projection's gradient d(qkv) as one buffer (no stack of dq, dk, dv). Extras for timm's
     ``Block``: ``attn_mask`` (an arbitrary SDPA mask: served by ``torch.nn.functional.scaled_dot_product_attention``,
     not a fastvl op) and ``is_causal``. With ``attn_drop > 0`` in training, attention runs as eager PyTorch
     math with dropout (fastvl's kernels have no dropout).
@@ -64,8 +66,15 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(N, S, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (N, S, H, D) strided views of one buffer
         q, k = self.q_norm(q), self.k_norm(k)
+        packed = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
         p = self.attn_drop.p if self.training else 0.0
-        if attn_mask is not None:
+        if attn_mask is None and p == 0 and packed:
+            # one op on the qkv buffer: the backward writes d(qkv) in place of three gradients and a stack
+            o = ops.flash_attention_qkvpacked(
+                qkv, softmax_scale=self.scale, causal=is_causal, key_padding_mask=key_padding_mask,
+                frame_offsets=frame_offsets, num_frames=num_frames, backend=self.backend,
+            )  # fmt: skip
+        elif attn_mask is not None:
             if key_padding_mask is not None or frame_offsets is not None:
                 raise ValueError("Attention: attn_mask cannot be combined with key_padding_mask or frame_offsets")
             o = F.scaled_dot_product_attention(

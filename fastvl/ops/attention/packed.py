@@ -1,0 +1,279 @@
+"""Attention over a packed qkv: the gradient is one ``d(qkv)`` buffer.
+
+``flash_attention_qkvpacked(qkv (N, S, 3, H, D))`` and ``flash_attention_varlen_qkvpacked(qkv (total, 3, H, D),
+cu_seqlens, max_seqlen)`` compute :func:`~fastvl.ops.flash_attention` of the three views ``qkv.unbind(-3)``. What
+differs is the backward. Autograd through ``unbind`` allocates dq, dk and dv and stacks them into d(qkv): one more
+read and write of ``3 N S H D`` elements after the attention backward. Here the backward allocates d(qkv) once and
+fastvl's Triton kernel writes dq, dk and dv straight into its three strided views (flash-attn's
+``flash_attn_qkvpacked_func`` does the same with its CUDA kernel).
+
+Dispatch: the registry op ``flash_attention_qkvpacked`` has the backends of ``flash_attention`` with the same
+declarations, and its call is the call :func:`~fastvl.ops.attention.prepare` builds for the three views, so auto
+picks the backend it would pick for ``flash_attention(q, k, v, ...)``. Peers (SDPA, flash-attn, xformers) run on
+the views with their own autograd (their gradients then go through ``unbind``'s stack); the reference
+computes dq, dk, dv and stacks them (it is the spec, not a fast path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastvl import backends, validate
+from fastvl.backends import Request, custom_op, get, implementation, public_op
+
+from . import OP as ATTENTION_OP
+from . import AttentionPlan, prepare, prepare_varlen
+from .reference import AttentionOptions, attention_reference_backward, roll_rows
+
+__all__ = ["OP", "flash_attention_qkvpacked", "flash_attention_varlen_qkvpacked", "qkvpacked_triton_backward"]
+
+OP = "flash_attention_qkvpacked"
+_OPTIONS = AttentionOptions.schema()
+_TENSOR_FIELDS = tuple(i for i, f in enumerate(dataclasses.fields(AttentionOptions)) if "Tensor" in str(f.type))
+
+
+def _views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qkv.unbind(-3)
+
+
+# ---- backends: the forward is flash_attention's (on the views); the backwards return d(qkv) ------------------
+
+
+def qkvpacked_triton_backward(dout, qkv, out, lse, opts: AttentionOptions) -> torch.Tensor:
+    """fastvl's Triton backward writing dq, dk, dv into the views of one d(qkv)."""
+    from fastvl.kernels.attention import attention_backward
+    from fastvl.kernels.utils import empty
+
+    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+    dq, dk, dv = _views(dqkv)
+    q, k, v = _views(qkv)
+    attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **kernel_arguments(opts))
+    return dqkv
+
+
+def kernel_arguments(opts: AttentionOptions) -> dict:
+    """The keyword arguments of ``fastvl.kernels.attention.attention_backward`` for ``opts``."""
+    return {
+        "scale": opts.scale,
+        "causal": opts.causal,
+        "key_padding_mask": opts.key_padding_mask,
+        "shift": opts.shift,
+        "num_frames": opts.num_frames,
+        "cu_seqlens_q": opts.cu_seqlens_q,
+        "cu_seqlens_k": opts.cu_seqlens_k,
+        "max_seqlen_q": opts.max_seqlen_q,
+        "max_seqlen_k": opts.max_seqlen_k,
+        "deterministic": opts.deterministic,
+    }
+
+
+def qkvpacked_reference_backward(dout, qkv, out, lse, opts: AttentionOptions) -> torch.Tensor:
+    """The reference backward (plain PyTorch, fp32), its three gradients stacked."""
+    return torch.stack(attention_reference_backward(dout, *_views(qkv), out, lse, opts), dim=-3)
+
+
+def _register() -> None:
+    for name, backward in (("reference", qkvpacked_reference_backward), ("triton", qkvpacked_triton_backward)):
+        b = get(ATTENTION_OP, name)
+        backends.register(
+            OP, name, b.priority, b.capabilities, check=b.check, requires=b.requires, description=b.description,
+            forward=b.impls["forward"], backward=backward,
+        )  # fmt: skip
+    for b in backends.backends(ATTENTION_OP):
+        if b.peer:
+            backends.register(
+                OP, b.name, b.priority, b.capabilities, check=b.check, requires=b.requires, peer=True,
+                description=b.description, **b.impls,
+            )  # fmt: skip
+
+
+_register()
+
+
+# ---- the custom ops --------------------------------------------------------------------------------
+
+
+@custom_op(OP, f"(Tensor qkv, {_OPTIONS}, str backend) -> (Tensor, Tensor)")
+def _packed_op(qkv, *options_and_backend):
+    *options, backend = options_and_backend
+    return implementation(OP, backend, "forward")(*_views(qkv), AttentionOptions(*options))
+
+
+@_packed_op.register_fake
+def _(qkv, key_padding_mask, shift, cu_seqlens_q, *_):
+    q = qkv.select(-3, 0)
+    rows = q.shape[0] if cu_seqlens_q is not None else q.shape[0] * q.shape[1]
+    return q.new_empty(q.shape), q.new_empty((q.shape[-2], rows), dtype=torch.float32)
+
+
+@custom_op(f"{OP}_backward", f"(Tensor dout, Tensor qkv, Tensor out, Tensor lse, {_OPTIONS}, str backend) -> Tensor")
+def _packed_bwd_op(dout, qkv, out, lse, *options_and_backend):
+    *options, backend = options_and_backend
+    return implementation(OP, backend, "backward")(dout, qkv, out, lse, AttentionOptions(*options))
+
+
+@_packed_bwd_op.register_fake
+def _(dout, qkv, *_):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup(ctx, inputs, output):
+    qkv, *options_and_backend = inputs
+    out, lse = output
+    tensors = [options_and_backend[i] for i in _TENSOR_FIELDS]
+    ctx.save_for_backward(qkv, out, lse, *tensors)
+    ctx.rest = [None if i in _TENSOR_FIELDS else a for i, a in enumerate(options_and_backend)]
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    n_rest = len(ctx.rest)
+    if dout is None:
+        return (None,) * (1 + n_rest)
+    qkv, out, lse, *tensors = ctx.saved_tensors
+    args = list(ctx.rest)
+    for i, t in zip(_TENSOR_FIELDS, tensors):
+        args[i] = t
+    return (_packed_bwd_op(dout, qkv, out, lse, *args),) + (None,) * n_rest
+
+
+_packed_op.register_autograd(_backward, setup_context=_setup)
+
+
+def packed_flops(qkv, *flat_options_and_backend, **_) -> int:
+    """Forward FLOPs: flash_attention's formula on the three views."""
+    from .backends import attention_flops
+
+    return attention_flops(*_views(qkv), *flat_options_and_backend)
+
+
+def packed_backward_flops(dout, qkv, out, lse, *flat_options_and_backend, **_) -> int:
+    """Backward FLOPs: 2.5x the forward (the recomputed QK^T plus four matmuls), as flash_attention's."""
+    return 5 * packed_flops(qkv, *flat_options_and_backend) // 2
+
+
+def _register_flops() -> None:
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for op, fn in (
+        (torch.ops.fastvl.flash_attention_qkvpacked, packed_flops),
+        (torch.ops.fastvl.flash_attention_qkvpacked_backward, packed_backward_flops),
+    ):
+        if op not in flop_registry:
+            register_flop_formula(op, get_raw=True)(fn)
+
+
+_register_flops()
+
+
+# ---- validation, plans, the public functions -------------------------------------------------------
+
+
+def _check_packed(op: str, qkv, ndim: int, layout: str) -> None:
+    validate.tensor(op, "qkv", qkv, ndim=ndim, layout=layout)
+    if qkv.shape[-3] != 3:
+        raise ValueError(f"{op}: argument 'qkv' must have layout {layout} with 3 at dim -3, got {tuple(qkv.shape)}")
+
+
+def _packed(plan: AttentionPlan, backend) -> AttentionPlan:
+    call = dataclasses.replace(plan.requests[0].call, op=OP)
+    return AttentionPlan([Request(call, backend)], plan.options, plan.deterministic)
+
+
+def prepare_qkvpacked(qkv, softmax_scale=None, causal=False, *, backend=None, **options) -> AttentionPlan:
+    """Validate a :func:`flash_attention_qkvpacked` call and plan its dispatch."""
+    _check_packed(OP, qkv, 5, "(N, S, 3, H, D)")
+    plan = prepare(*_views(qkv), softmax_scale=softmax_scale, causal=causal, backend=backend, **options)
+    return _packed(plan, backend)
+
+
+def prepare_varlen_qkvpacked(
+    qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *, backend=None, **options
+) -> AttentionPlan:
+    """Validate a :func:`flash_attention_varlen_qkvpacked` call and plan its dispatch."""
+    _check_packed("flash_attention_varlen_qkvpacked", qkv, 4, "(total, 3, H, D)")
+    q, k, v = _views(qkv)
+    plan = prepare_varlen(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=softmax_scale, causal=causal,
+        backend=backend, **options,
+    )  # fmt: skip
+    return _packed(plan, backend)
+
+
+def _run(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    (name,) = plan.choose()
+    opts = plan.options
+    if not get(OP, name).peer:
+        out, _ = _packed_op(qkv, *opts.flat(), name)
+        return out
+    q, k, v = _views(qkv)
+    peer = implementation(OP, name)
+    if opts.varlen:
+        return implementation(OP, name, "varlen")(
+            q, k, v, opts.cu_seqlens_q, opts.cu_seqlens_k, opts.max_seqlen_q, opts.max_seqlen_k, opts.scale,
+            opts.causal, plan.deterministic,
+        )  # fmt: skip
+    if opts.shift is None:
+        return peer(q, k, v, opts.key_padding_mask, opts.scale, opts.causal, plan.deterministic)
+    # a peer that accepts roll offsets (sdpa on the CPU) sees rolled copies; its output is rolled back
+    shift, T = opts.shift, opts.num_frames
+    q, k, v = (roll_rows(t, shift, T) for t in (q, k, v))
+    kpm = None if opts.key_padding_mask is None else roll_rows(opts.key_padding_mask, shift, T)
+    return roll_rows(peer(q, k, v, kpm, opts.scale, opts.causal, plan.deterministic), shift, T, inverse=True)
+
+
+@public_op(prepare_qkvpacked)
+def flash_attention_qkvpacked(
+    qkv: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    *,
+    backend: str | None = None,
+    **options,
+) -> torch.Tensor:
+    """Self-attention of a packed ``qkv (N, S, 3, H, D)`` (fp16/bf16/fp32, any strides) -> ``(N, S, H, D)`` in
+    qkv's dtype: ``flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ...)`` whose gradient is one
+    ``(N, S, 3, H, D)`` tensor written by the attention backward (no stack of dq, dk, dv).
+
+    ``softmax_scale`` (default ``1/sqrt(D)``), ``causal`` and every keyword of
+    :func:`fastvl.ops.flash_attention` in ``options`` (``key_padding_mask (N, S)``, ``frame_offsets``,
+    ``num_frames``, ``deterministic``, ...) mean what they mean there.
+    """
+    plan = prepare_qkvpacked(qkv, softmax_scale, causal, backend=backend, **options)
+    return _run(qkv, plan)
+
+
+@public_op(prepare_varlen_qkvpacked)
+def flash_attention_varlen_qkvpacked(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    *,
+    backend: str | None = None,
+    **options,
+) -> torch.Tensor:
+    """Self-attention over packed variable-length sequences of one ``qkv (total, 3, H, D)`` -> ``(total, H, D)``:
+    :func:`fastvl.ops.flash_attention_varlen` of the three views with ``cu_seqlens`` int32 ``(batch + 1,)`` for
+    both q and k and ``max_seqlen`` at least the longest sequence; the gradient is one ``(total, 3, H, D)``
+    tensor. ``options``: the keywords of :func:`fastvl.ops.flash_attention_varlen`.
+    """
+    plan = prepare_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, backend=backend, **options)
+    return _run(qkv, plan)
+
+
+def example(device: torch.device, small: bool):
+    """All-in-one-B's self-attention on its qkv projection: 96 sequences of 237 tokens, 12 heads of 64 (bf16),
+    text padding."""
+    N, S, H, D = (3, 11, 2, 16) if small else (96, 237, 12, 64)
+    new = torch.randn if small else torch.empty
+    qkv = new(N, S, 3, H, D, dtype=torch.bfloat16, device=device)
+    kpm = torch.zeros(N, S, dtype=torch.bool, device=device)
+    kpm[:, 2:4] = True
+    return "flash_attention_qkvpacked", (qkv,), {"key_padding_mask": kpm}
+
+
+backends.register_example(OP, example)
