@@ -28,7 +28,7 @@ flash-attn's unpad-then-varlen (see docs/attention.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
 
 import torch
 
@@ -45,14 +45,15 @@ __all__ = [
 
 
 def _window(fn: str, window_size, seqlen_k: int) -> tuple[int, int]:
-    """flash-attn's normalisation: an entry >= seqlen_k (or < 0) is unbounded (-1)."""
-    if (
-        not isinstance(window_size, Sequence)
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
-    ):
-        raise TypeError(f"{fn}: argument 'window_size' must be a pair of ints (left, right), got {window_size!r}")
-    return tuple(-1 if w < 0 or w >= seqlen_k else w for w in window_size)
+    """flash-attn's normalisation: an entry >= seqlen_k (or < 0) is unbounded (-1). Entries may be ints or
+    integer 0-d tensors (flash-attn's tests pass ``torch.randint(0, seqlen_k, (2,))``)."""
+    try:
+        left, right = (operator.index(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{fn}: argument 'window_size' must be a pair of ints (left, right), got {window_size!r}"
+        ) from None
+    return tuple(-1 if w < 0 or w >= seqlen_k else w for w in (left, right))
 
 
 def _softcap(fn: str, softcap) -> float:
@@ -100,7 +101,21 @@ def _int(fn: str, name: str, x) -> int:
     return x
 
 
-_SHARED_DOC = """
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention of a packed ``qkv`` (flash-attn's ``flash_attn_qkvpacked_func``); the backward writes d(qkv)
+    as one tensor (no concatenation of dq, dk, dv). For MQA/GQA use the kv-packed or unpacked functions.
+
+    qkv: (batch_size, seqlen, 3, nheads, headdim), fp16 / bf16 / fp32, any strides.
     dropout_p: float. Dropout probability on the attention weights (set 0.0 for evaluation); kept weights
         are scaled by 1 / (1 - dropout_p), the mask is drawn from torch's default generator of the device.
     softmax_scale: float. Scaling of QK^T before the softmax; default 1 / sqrt(headdim).
@@ -115,20 +130,11 @@ _SHARED_DOC = """
     deterministic: bool. Bitwise-repeatable backward (fastvl's Triton kernel computes dQ in a second pass).
     return_attn_probs: bool. Also return softmax_lse (the natural-log logsumexp of each row of the scaled,
         capped, biased scores; +inf for a row with no visible key) and None in S_dmask's place. Raises with
-        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised)."""
+        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised).
 
-
-def flash_attn_qkvpacked_func(
-    qkv,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
+    Returns out (batch_size, seqlen, nheads, headdim) in qkv's dtype; with return_attn_probs,
+    (out, softmax_lse (batch_size, nheads, seqlen) fp32, None).
+    """
     fn = "flash_attn_qkvpacked_func"
     _check_probs(fn, dropout_p, return_attn_probs)
     _split(fn, "qkv", qkv, 3, 5, "(batch_size, seqlen, 3, nheads, headdim)")
@@ -140,32 +146,41 @@ def flash_attn_qkvpacked_func(
     return _result(res, return_attn_probs)
 
 
-flash_attn_qkvpacked_func.__doc__ = (
-    """Attention of a packed ``qkv`` (flash-attn's ``flash_attn_qkvpacked_func``); the backward writes d(qkv)
-    as one tensor (no concatenation of dq, dk, dv). For MQA/GQA use the kv-packed or unpacked functions.
-
-    qkv: (batch_size, seqlen, 3, nheads, headdim), fp16 / bf16 / fp32, any strides."""
-    + _SHARED_DOC
-    + """
-
-    Returns out (batch_size, seqlen, nheads, headdim) in qkv's dtype; with return_attn_probs,
-    (out, softmax_lse (batch_size, nheads, seqlen) fp32, None).
-    """
-)
-
-
 def flash_attn_kvpacked_func(
-    q,
-    kv,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention with a packed ``kv`` (flash-attn's ``flash_attn_kvpacked_func``). MQA/GQA: kv may have fewer
+    heads than q (nheads % nheads_k == 0); q head h reads kv head h // (nheads / nheads_k).
+
+    q: (batch_size, seqlen_q, nheads, headdim); kv: (batch_size, seqlen_k, 2, nheads_k, headdim), q's dtype.
+    dropout_p: float. Dropout probability on the attention weights (set 0.0 for evaluation); kept weights
+        are scaled by 1 / (1 - dropout_p), the mask is drawn from torch's default generator of the device.
+    softmax_scale: float. Scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    causal: bool. Causal mask aligned to the bottom-right corner of the (seqlen_q, seqlen_k) score matrix:
+        query i sees key j iff j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros.
+    window_size: (left, right). Sliding-window local attention: query i sees keys
+        [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 (or >= seqlen_k) is unbounded.
+        With causal=True, right is 0.
+    softcap: float. > 0 replaces the scaled scores s by softcap * tanh(s / softcap); <= 0 is off.
+    alibi_slopes: (nheads,) or (batch_size, nheads), fp32. Adds -slope * |i + seqlen_k - seqlen_q - j| to the
+        score of query i and key j.
+    deterministic: bool. Bitwise-repeatable backward (fastvl's Triton kernel computes dQ in a second pass).
+    return_attn_probs: bool. Also return softmax_lse (the natural-log logsumexp of each row of the scaled,
+        capped, biased scores; +inf for a row with no visible key) and None in S_dmask's place. Raises with
+        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised).
+
+    Returns out (batch_size, seqlen_q, nheads, headdim) in q's dtype; with return_attn_probs,
+    (out, softmax_lse (batch_size, nheads, seqlen_q) fp32, None).
+    """
     fn = "flash_attn_kvpacked_func"
     _check_probs(fn, dropout_p, return_attn_probs)
     k, v = _split(fn, "kv", kv, 2, 5, "(batch_size, seqlen_k, 2, nheads_k, headdim)")
@@ -177,33 +192,43 @@ def flash_attn_kvpacked_func(
     return _result(res, return_attn_probs)
 
 
-flash_attn_kvpacked_func.__doc__ = (
-    """Attention with a packed ``kv`` (flash-attn's ``flash_attn_kvpacked_func``). MQA/GQA: kv may have fewer
-    heads than q (nheads % nheads_k == 0); q head h reads kv head h // (nheads / nheads_k).
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention (flash-attn's ``flash_attn_func``). MQA/GQA: k/v may have fewer heads than q
+    (nheads % nheads_k == 0); q head h reads k/v head h // (nheads / nheads_k).
 
-    q: (batch_size, seqlen_q, nheads, headdim); kv: (batch_size, seqlen_k, 2, nheads_k, headdim), q's dtype."""
-    + _SHARED_DOC
-    + """
+    q: (batch_size, seqlen_q, nheads, headdim); k, v: (batch_size, seqlen_k, nheads_k, headdim), q's dtype
+    (fp16 / bf16 / fp32), any strides.
+    dropout_p: float. Dropout probability on the attention weights (set 0.0 for evaluation); kept weights
+        are scaled by 1 / (1 - dropout_p), the mask is drawn from torch's default generator of the device.
+    softmax_scale: float. Scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    causal: bool. Causal mask aligned to the bottom-right corner of the (seqlen_q, seqlen_k) score matrix:
+        query i sees key j iff j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros.
+    window_size: (left, right). Sliding-window local attention: query i sees keys
+        [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 (or >= seqlen_k) is unbounded.
+        With causal=True, right is 0.
+    softcap: float. > 0 replaces the scaled scores s by softcap * tanh(s / softcap); <= 0 is off.
+    alibi_slopes: (nheads,) or (batch_size, nheads), fp32. Adds -slope * |i + seqlen_k - seqlen_q - j| to the
+        score of query i and key j.
+    deterministic: bool. Bitwise-repeatable backward (fastvl's Triton kernel computes dQ in a second pass).
+    return_attn_probs: bool. Also return softmax_lse (the natural-log logsumexp of each row of the scaled,
+        capped, biased scores; +inf for a row with no visible key) and None in S_dmask's place. Raises with
+        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised).
 
     Returns out (batch_size, seqlen_q, nheads, headdim) in q's dtype; with return_attn_probs,
     (out, softmax_lse (batch_size, nheads, seqlen_q) fp32, None).
     """
-)
-
-
-def flash_attn_func(
-    q,
-    k,
-    v,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
     fn = "flash_attn_func"
     _check_probs(fn, dropout_p, return_attn_probs)
     res = ops.flash_attention(
@@ -214,39 +239,44 @@ def flash_attn_func(
     return _result(res, return_attn_probs)
 
 
-flash_attn_func.__doc__ = (
-    """Attention (flash-attn's ``flash_attn_func``). MQA/GQA: k/v may have fewer heads than q
-    (nheads % nheads_k == 0); q head h reads k/v head h // (nheads / nheads_k).
-
-    q: (batch_size, seqlen_q, nheads, headdim); k, v: (batch_size, seqlen_k, nheads_k, headdim), q's dtype
-    (fp16 / bf16 / fp32), any strides."""
-    + _SHARED_DOC
-    + """
-
-    Returns out (batch_size, seqlen_q, nheads, headdim) in q's dtype; with return_attn_probs,
-    (out, softmax_lse (batch_size, nheads, seqlen_q) fp32, None).
-    """
-)
-
-_VARLEN_DOC = """
-    cu_seqlens_q, cu_seqlens_k: (batch_size + 1,) int32 offsets of each sequence's rows (from 0, non-decreasing,
-        ending at total_q / total_k). Causal masks, windows and ALiBi are aligned per sequence on its own lengths.
-    max_seqlen_q, max_seqlen_k: int, at least the longest sequence."""
-
-
 def flash_attn_varlen_qkvpacked_func(
-    qkv,
-    cu_seqlens,
-    max_seqlen,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention over variable-length sequences of one packed ``qkv`` (flash-attn's
+    ``flash_attn_varlen_qkvpacked_func``); the backward writes d(qkv) as one tensor.
+
+    qkv: (total, 3, nheads, headdim), total = the number of tokens of all sequences.
+    cu_seqlens: (batch_size + 1,) int32 offsets of each sequence's rows in qkv.
+    max_seqlen: int, at least the longest sequence.
+    dropout_p: float. Dropout probability on the attention weights (set 0.0 for evaluation); kept weights
+        are scaled by 1 / (1 - dropout_p), the mask is drawn from torch's default generator of the device.
+    softmax_scale: float. Scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    causal: bool. Causal mask aligned to the bottom-right corner of the (seqlen_q, seqlen_k) score matrix:
+        query i sees key j iff j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros.
+    window_size: (left, right). Sliding-window local attention: query i sees keys
+        [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 (or >= seqlen_k) is unbounded.
+        With causal=True, right is 0.
+    softcap: float. > 0 replaces the scaled scores s by softcap * tanh(s / softcap); <= 0 is off.
+    alibi_slopes: (nheads,) or (batch_size, nheads), fp32. Adds -slope * |i + seqlen_k - seqlen_q - j| to the
+        score of query i and key j.
+    deterministic: bool. Bitwise-repeatable backward (fastvl's Triton kernel computes dQ in a second pass).
+    return_attn_probs: bool. Also return softmax_lse (the natural-log logsumexp of each row of the scaled,
+        capped, biased scores; +inf for a row with no visible key) and None in S_dmask's place. Raises with
+        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised).
+
+    Returns out (total, nheads, headdim) in qkv's dtype; with return_attn_probs,
+    (out, softmax_lse (nheads, total) fp32, None).
+    """
     fn = "flash_attn_varlen_qkvpacked_func"
     _check_probs(fn, dropout_p, return_attn_probs)
     _split(fn, "qkv", qkv, 3, 4, "(total, 3, nheads, headdim)")
@@ -259,38 +289,48 @@ def flash_attn_varlen_qkvpacked_func(
     return _result(res, return_attn_probs)
 
 
-flash_attn_varlen_qkvpacked_func.__doc__ = (
-    """Attention over variable-length sequences of one packed ``qkv`` (flash-attn's
-    ``flash_attn_varlen_qkvpacked_func``); the backward writes d(qkv) as one tensor.
-
-    qkv: (total, 3, nheads, headdim), total = the number of tokens of all sequences.
-    cu_seqlens: (batch_size + 1,) int32 offsets of each sequence's rows in qkv.
-    max_seqlen: int, at least the longest sequence."""
-    + _SHARED_DOC
-    + """
-
-    Returns out (total, nheads, headdim) in qkv's dtype; with return_attn_probs,
-    (out, softmax_lse (nheads, total) fp32, None).
-    """
-)
-
-
 def flash_attn_varlen_kvpacked_func(
-    q,
-    kv,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention over variable-length sequences with a packed ``kv`` (flash-attn's
+    ``flash_attn_varlen_kvpacked_func``); MQA/GQA as :func:`flash_attn_kvpacked_func`.
+
+    q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim).
+    cu_seqlens_q, cu_seqlens_k: (batch_size + 1,) int32 offsets of each sequence's rows (from 0, non-decreasing,
+        ending at total_q / total_k). Causal masks, windows and ALiBi are aligned per sequence on its own lengths.
+    max_seqlen_q, max_seqlen_k: int, at least the longest sequence.
+    dropout_p: float. Dropout probability on the attention weights (set 0.0 for evaluation); kept weights
+        are scaled by 1 / (1 - dropout_p), the mask is drawn from torch's default generator of the device.
+    softmax_scale: float. Scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    causal: bool. Causal mask aligned to the bottom-right corner of the (seqlen_q, seqlen_k) score matrix:
+        query i sees key j iff j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros.
+    window_size: (left, right). Sliding-window local attention: query i sees keys
+        [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 (or >= seqlen_k) is unbounded.
+        With causal=True, right is 0.
+    softcap: float. > 0 replaces the scaled scores s by softcap * tanh(s / softcap); <= 0 is off.
+    alibi_slopes: (nheads,) or (batch_size, nheads), fp32. Adds -slope * |i + seqlen_k - seqlen_q - j| to the
+        score of query i and key j.
+    deterministic: bool. Bitwise-repeatable backward (fastvl's Triton kernel computes dQ in a second pass).
+    return_attn_probs: bool. Also return softmax_lse (the natural-log logsumexp of each row of the scaled,
+        capped, biased scores; +inf for a row with no visible key) and None in S_dmask's place. Raises with
+        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised).
+
+    Returns out (total_q, nheads, headdim) in q's dtype; with return_attn_probs,
+    (out, softmax_lse (nheads, total_q) fp32, None).
+    """
     fn = "flash_attn_varlen_kvpacked_func"
     _check_probs(fn, dropout_p, return_attn_probs)
     k, v = _split(fn, "kv", kv, 2, 4, "(total_k, 2, nheads_k, headdim)")
@@ -303,39 +343,51 @@ def flash_attn_varlen_kvpacked_func(
     return _result(res, return_attn_probs)
 
 
-flash_attn_varlen_kvpacked_func.__doc__ = (
-    """Attention over variable-length sequences with a packed ``kv`` (flash-attn's
-    ``flash_attn_varlen_kvpacked_func``); MQA/GQA as :func:`flash_attn_kvpacked_func`.
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention over variable-length sequences (flash-attn's ``flash_attn_varlen_func``); MQA/GQA as
+    :func:`flash_attn_func`.
 
-    q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim)."""
-    + _VARLEN_DOC
-    + _SHARED_DOC
-    + """
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), total = the tokens of all sequences.
+    cu_seqlens_q, cu_seqlens_k: (batch_size + 1,) int32 offsets of each sequence's rows (from 0, non-decreasing,
+        ending at total_q / total_k). Causal masks, windows and ALiBi are aligned per sequence on its own lengths.
+    max_seqlen_q, max_seqlen_k: int, at least the longest sequence.
+    dropout_p: float. Dropout probability on the attention weights (set 0.0 for evaluation); kept weights
+        are scaled by 1 / (1 - dropout_p), the mask is drawn from torch's default generator of the device.
+    softmax_scale: float. Scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    causal: bool. Causal mask aligned to the bottom-right corner of the (seqlen_q, seqlen_k) score matrix:
+        query i sees key j iff j <= i + seqlen_k - seqlen_q; a query that sees no key outputs zeros.
+    window_size: (left, right). Sliding-window local attention: query i sees keys
+        [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 (or >= seqlen_k) is unbounded.
+        With causal=True, right is 0.
+    softcap: float. > 0 replaces the scaled scores s by softcap * tanh(s / softcap); <= 0 is off.
+    alibi_slopes: (nheads,) or (batch_size, nheads), fp32. Adds -slope * |i + seqlen_k - seqlen_q - j| to the
+        score of query i and key j.
+    deterministic: bool. Bitwise-repeatable backward (fastvl's Triton kernel computes dQ in a second pass).
+    return_attn_probs: bool. Also return softmax_lse (the natural-log logsumexp of each row of the scaled,
+        capped, biased scores; +inf for a row with no visible key) and None in S_dmask's place. Raises with
+        dropout_p > 0 (flash-attn's dropout pattern S_dmask is not materialised).
+    block_table: must be None (flash-attn's paged KV cache is not supported; raises otherwise).
 
     Returns out (total_q, nheads, headdim) in q's dtype; with return_attn_probs,
     (out, softmax_lse (nheads, total_q) fp32, None).
     """
-)
-
-
-def flash_attn_varlen_func(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-    block_table=None,
-):
     fn = "flash_attn_varlen_func"
     if block_table is not None:
         raise ValueError(
@@ -350,19 +402,3 @@ def flash_attn_varlen_func(
         deterministic=deterministic, return_lse=bool(return_attn_probs),
     )  # fmt: skip
     return _result(res, return_attn_probs)
-
-
-flash_attn_varlen_func.__doc__ = (
-    """Attention over variable-length sequences (flash-attn's ``flash_attn_varlen_func``); MQA/GQA as
-    :func:`flash_attn_func`.
-
-    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), total = the tokens of all sequences."""
-    + _VARLEN_DOC
-    + _SHARED_DOC
-    + """
-    block_table: must be None (flash-attn's paged KV cache is not supported; raises otherwise).
-
-    Returns out (total_q, nheads, headdim) in q's dtype; with return_attn_probs,
-    (out, softmax_lse (nheads, total_q) fp32, None).
-    """
-)

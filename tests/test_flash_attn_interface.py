@@ -298,10 +298,7 @@ def serves(backend: str, case, dtype) -> bool:
 
 
 GRID = [
-    pytest.param(case, b, id=f"{_case_id(case)}-{b}")
-    for case in CASES
-    for b in BACKENDS
-    if serves(b, case, case[-1])
+    pytest.param(case, b, id=f"{_case_id(case)}-{b}") for case in CASES for b in BACKENDS if serves(b, case, case[-1])
 ]
 
 
