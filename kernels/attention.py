@@ -646,6 +646,7 @@ def attention_backward(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     deterministic: bool = False,
+    dlse: torch.Tensor | None = None,
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
@@ -655,6 +656,8 @@ def attention_backward(
 
     Arguments as :func:`attention_forward`, plus ``dout`` (q's shape) and the forward's ``out`` and ``lse``.
     ``deterministic``: bitwise-repeatable gradients (a separate dQ pass instead of fp32 atomics).
+    ``dlse (H, rows)``: the gradient of the natural-log LSE, when the caller uses it: ``d lse_i / d s_ij = P_ij``,
+    so it enters as ``dS = P (dP - delta + dlse)``, i.e. ``delta -= dlse``.
     ``dq``, ``dk``, ``dv``: optional outputs to write into, any strides (e.g. the three views
     ``g[:, :, i]`` of one ``(N, S, 3, H, D)`` gradient of a packed qkv); fresh contiguous tensors otherwise.
     ``config``: tilings to run instead of autotuning, by kernel (``'kv_dq'``, or ``'kv'`` and ``'q'`` when
@@ -680,6 +683,8 @@ def attention_backward(
             *_strides(out, vl), *_strides(dout, vl), *_strides(dq_acc, vl), delta.stride(0), L.H, L.T, L.Sq,
             HEAD_DIM=L.D, VARLEN=vl, ROLL=L.flags["ROLL"], ZERO_DQ=atomic, BLOCK_M=rows_m, BLOCK_D=L.block_d,
         )  # fmt: skip
+    if dlse is not None and L.Sq > 0:
+        delta.sub_(dlse)
     sizes = (L.smn, L.sms, lse.stride(0), L.H, L.T, L.Sq, L.Sk, L.scale * LOG2E, L.scale, L.bucket)
     if L.Sk > 0:
         kv = _kv_dq if atomic else _kv

@@ -590,7 +590,7 @@ def _qkv(*shape, dtype=torch.float32):
         (
             lambda: fastvl.ops.flash_attention(torch.randn(2, 5, 1, 16), *_qkv(2, 5, 1, 32)[:2]),
             ValueError,
-            r"'k' must have q's \(H, D\)=\(1, 16\)",
+            "'k' must have q's head dim D=16",
         ),
         (
             lambda: fastvl.ops.flash_attention(*_qkv(2, 5, 1, 16)[:2], torch.randn(2, 6, 1, 16)),
@@ -712,7 +712,8 @@ def test_opcheck_and_fake():
     q, k, v = (torch.randn(2, 9, 2, 16, requires_grad=True) for _ in range(3))
     kpm = torch.zeros(2, 9, dtype=torch.bool)
     kpm[1, 4:] = True
-    args = (q, k, v, kpm, None, None, None, 0, 0, 1, 0.25, True, False, "reference")
+    opts = fastvl.ops.attention.AttentionOptions(kpm, num_frames=1, scale=0.25, causal=True)
+    args = (q, k, v, *opts.flat(), "reference")
     torch.library.opcheck(torch.ops.fastvl.flash_attention.default, args)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -914,3 +915,435 @@ def test_cpu_sdpa_matches_reference(dtype, causal, padded, offsets):
     assert res["sdpa"][2] == res["reference"][2] > 0
     if padded and not offsets:
         assert res["sdpa"][0][2].abs().max() == 0
+
+
+# ---- score features, windows, frame blocks, GQA, LSE: every backend against a materialised-mask oracle -----
+
+
+def _frame_mask(S, F, w, text, temporal):
+    """(S, S) bool by explicit loops: text tokens see / are seen by all; video i, j: |frame| <= w (w < 0: any)
+    and, with temporal, the same spatial position."""
+    m = torch.zeros(S, S, dtype=torch.bool)
+    for a in range(S):
+        for b in range(S):
+            if a < text or b < text:
+                m[a, b] = True
+                continue
+            fa, pa = divmod(a - text, F)
+            fb, pb = divmod(b - text, F)
+            m[a, b] = (w < 0 or abs(fa - fb) <= w) and (not temporal or pa == pb)
+    return m
+
+
+def naive_full(q, k, v, scale, *, causal=False, kpm=None, window=(-1, -1), softcap=0.0, alibi=None, bias=None,
+               frames=None, keep=None, p=0.0):  # fmt: skip
+    """Textbook attention with every feature as a materialised bias / mask on (N, S, H, D); k, v with H_k heads
+    (GQA by repeating); returns (out, lse (N, H, Sq)) with lse = +inf on rows that see no key."""
+    N, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    k, v = (t.repeat_interleave(H // Hk, dim=2) for t in (k, v))
+    s = torch.einsum("nqhd,nkhd->nhqk", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
+    j = torch.arange(Sk, device=q.device)[None, :]
+    if alibi is not None:
+        s = s - alibi.reshape(-1, H, 1, 1) * (i - j).abs().to(s.dtype)
+    if bias is not None:
+        s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]).to(s.dtype)
+    vis = torch.ones(N, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    if kpm is not None:
+        vis = vis & ~kpm[:, None, None, :]
+    if causal:
+        vis = vis & (j <= i)
+    if window[0] >= 0:
+        vis = vis & (j >= i - window[0])
+    if window[1] >= 0:
+        vis = vis & (j <= i + window[1])
+    if frames is not None:
+        vis = vis & _frame_mask(Sk, *frames).to(q.device)
+    any_vis = vis.any(-1, keepdim=True)
+    sm = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(sm.masked_fill(~any_vis, 0), -1)
+    lse = torch.where(any_vis[..., 0], lse, torch.full_like(lse, float("inf")))
+    pr = sm.masked_fill(~any_vis, 0).softmax(-1) * any_vis
+    if keep is not None:
+        pr = pr * keep / (1 - p)
+    return torch.einsum("nhqk,nkhd->nqhd", pr, v), lse
+
+
+def _triton_refuses(backend, features):
+    """For the triton backend: True (and the BackendError checked) when a feature the call uses is one its
+    declaration does not serve yet; the reason must name the feature."""
+    if backend != "triton":
+        return False
+    from fastvl.ops.attention.backends import TRITON_FEATURES
+
+    missing = sorted(set(features) - TRITON_FEATURES)
+    return missing
+
+
+# (name, N, Sq, Sk, H, Hk, D, features used, call kwargs builder)
+FEATURE_CASES = [
+    ("bias2+kpm+causal", 2, 19, 19, 2, 2, 32, {"key_bias", "key_padding_mask", "causal"}),
+    ("bias3+gqa", 2, 21, 21, 4, 2, 16, {"key_bias", "gqa"}),
+    ("mqa+cross+causal", 2, 13, 29, 3, 1, 32, {"gqa", "causal", "causal_bottom_right"}),
+    ("window+cross", 2, 17, 30, 2, 2, 16, {"window", "window_bottom_right"}),
+    ("window+causal+softcap", 1, 37, 37, 2, 1, 32, {"window", "causal", "softcap", "gqa"}),
+    ("alibi+bias+kpm", 2, 23, 23, 2, 2, 16, {"alibi", "key_bias", "key_padding_mask"}),
+    ("frames-w0+text", 2, 3 + 4 * 5, 3 + 4 * 5, 2, 2, 16, {"frame_blocks"}),
+    ("frames-w1+bias+kpm", 2, 2 + 6 * 4, 2 + 6 * 4, 2, 2, 16, {"frame_blocks", "key_bias", "key_padding_mask"}),
+    ("temporal+text", 2, 1 + 5 * 4, 1 + 5 * 4, 2, 1, 16, {"temporal_only", "gqa"}),
+    ("lse+bias+causal", 2, 15, 15, 2, 2, 16, {"return_lse", "key_bias", "causal"}),
+]
+
+
+def _feature_kwargs(name, N, Sq, Sk, H, Hk, dtype):
+    """(public kwargs, naive kwargs) of one FEATURE_CASES entry, fresh random tensors."""
+    kw, nk = {}, {}
+    if "bias2" in name or "alibi+bias" in name or "frames-w1" in name or "lse+bias" in name:
+        b = randn(N, Sk) * 2
+        kw["key_bias"] = nk["bias"] = b.requires_grad_(True)
+    if "bias3" in name:
+        b = randn(N, H, Sk) * 2
+        kw["key_bias"] = nk["bias"] = b.requires_grad_(True)
+    if "kpm" in name:
+        m = torch.rand(N, Sk, device=DEV) < 0.25
+        m[0, :] = True  # a fully padded sequence
+        kw["key_padding_mask"] = nk["kpm"] = m
+    if "causal" in name:
+        kw["causal"] = nk["causal"] = True
+    if name.startswith("window+cross"):
+        kw["window_size"] = nk["window"] = (3, 2)
+    if name.startswith("window+causal"):
+        kw["window_size"] = nk["window"] = (5, -1)
+    if "softcap" in name:
+        kw["softcap"] = nk["softcap"] = 2.5
+    if "alibi" in name:
+        kw["alibi_slopes"] = nk["alibi"] = torch.rand(N, H, device=DEV) * 0.3
+    if name.startswith("frames-w0"):
+        kw.update(frame_tokens=5, text_tokens=3, spatial_only=True)
+        nk["frames"] = (5, 0, 3, False)
+    if name.startswith("frames-w1"):
+        kw.update(frame_tokens=4, text_tokens=2, frame_window=1)
+        nk["frames"] = (4, 1, 2, False)
+    if name.startswith("temporal"):
+        kw.update(frame_tokens=4, text_tokens=1, temporal_only=True)
+        nk["frames"] = (4, -1, 1, True)
+    if name.startswith("lse"):
+        kw["return_lse"] = True
+    return kw, nk
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_features_match_float64(backend, dtype, case):
+    name, N, Sq, Sk, H, Hk, D, features = case
+    if backend == "reference" and dtype == torch.float16:
+        dtype = torch.float64  # the reference computes fp16 in fp32: its fp64 path is the one to pin down
+    q = randn(N, Sq, H, D, dtype=torch.float64).to(dtype).requires_grad_(True)
+    k, v = (randn(N, Sk, Hk, D, dtype=torch.float64).to(dtype).requires_grad_(True) for _ in range(2))
+    kw, nk = _feature_kwargs(name, N, Sq, Sk, H, Hk, dtype)
+    scale = D**-0.5 * 1.3
+    missing = _triton_refuses(backend, features)
+    if missing:
+        with pytest.raises(BackendError, match=missing[0]):
+            fastvl.ops.flash_attention(q, k, v, softmax_scale=scale, backend=backend, **kw)
+        return
+    res = fastvl.ops.flash_attention(q, k, v, softmax_scale=scale, backend=backend, **kw)
+    out, lse = res if kw.get("return_lse") else (res, None)
+    assert out.shape == q.shape and out.dtype == dtype
+    leaves = [q, k, v] + ([kw["key_bias"]] if "key_bias" in kw else [])
+    g = randn(*out.shape, dtype=torch.float64).to(dtype)
+    gl = randn(N, H, Sq) if lse is not None else None
+    loss = (out.double() * g.double()).sum()
+    if lse is not None:
+        assert lse.shape == (N, H, Sq) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0).double() * gl.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+
+    def oracle(ls, dt):
+        nkw = dict(nk, bias=ls[3]) if len(ls) > 3 else nk
+        o, l_ = naive_full(*ls[:3], scale, **nkw)
+        lo = (o * g.to(dt)).sum()
+        if lse is not None:
+            lo = lo + (torch.where(torch.isfinite(l_), l_, 0) * gl.to(l_.dtype)).sum()
+        return o, l_, torch.autograd.grad(lo, ls)
+
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    same_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref, ref_lse, ref_grads = oracle(ref_leaves, torch.float64)
+    same, _, same_grads = oracle(same_leaves, dtype)
+    assert_close(out, ref, dtype, torch_same_dtype=same, name=f"out ({name})")
+    if lse is not None:
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        assert_close(lse[fin], ref_lse[fin], torch.float32, name="lse")
+    for n, a, r, s in zip(["q", "k", "v", "key_bias"], grads, ref_grads, same_grads):
+        assert_close(a, r, dtype, torch_same_dtype=s.to(a.dtype), name=f"grad {n} ({name})")
+
+
+VARLEN_CASES = [
+    ("gqa+causal", dict(causal=True), {"gqa", "causal", "varlen"}),
+    ("window+alibi", dict(window_size=(4, 1)), {"window", "alibi", "varlen"}),
+    ("bias+softcap+lse", dict(softcap=3.0, return_lse=True), {"key_bias", "softcap", "return_lse", "varlen"}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[c[0] for c in VARLEN_CASES])
+def test_varlen_features_match_float64(backend, case):
+    name, kw, features = case
+    dtype = torch.float32
+    lq, lk = [7, 0, 19, 3], [11, 4, 19, 1]
+    H, Hk, D = 4, (2 if "gqa" in name else 4), 16
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    q = randn(sum(lq), H, D).requires_grad_(True)
+    k, v = (randn(sum(lk), Hk, D).requires_grad_(True) for _ in range(2))
+    kw = dict(kw)
+    leaves = [q, k, v]
+    if "alibi" in name:
+        kw["alibi_slopes"] = torch.rand(len(lq), H, device=DEV) * 0.5
+    if "bias" in name:
+        kw["key_bias"] = randn(H, sum(lk)).requires_grad_(True)
+        leaves.append(kw["key_bias"])
+    missing = _triton_refuses(backend, features)
+    if missing:
+        with pytest.raises(BackendError, match=missing[0]):
+            fastvl.ops.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), backend=backend, **kw)
+        return
+    res = fastvl.ops.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), backend=backend, **kw)
+    out, lse = res if kw.get("return_lse") else (res, None)
+    g = randn(*out.shape)
+    loss = (out * g).sum() + (torch.where(torch.isfinite(lse), lse, 0).sum() if lse is not None else 0)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    outs, lses = [], []
+    for b in range(len(lq)):
+        sq, sk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        nk = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
+                  softcap=kw.get("softcap", 0.0))  # fmt: skip
+        if "alibi_slopes" in kw:
+            nk["alibi"] = kw["alibi_slopes"][b].double()
+        if len(ref_leaves) > 3:
+            nk["bias"] = ref_leaves[3][:, sk][None]
+        o, l_ = naive_full(ref_leaves[0][sq][None], ref_leaves[1][sk][None], ref_leaves[2][sk][None], D**-0.5, **nk)
+        outs.append(o[0])
+        lses.append(l_[0])
+    ref, ref_lse = torch.cat(outs), torch.cat(lses, dim=1)
+    rloss = (ref * g.double()).sum()
+    if lse is not None:
+        assert lse.shape == (H, sum(lq))
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        assert_close(lse[fin], ref_lse[fin], torch.float32, name="lse")
+        rloss = rloss + torch.where(fin, ref_lse, 0).sum()
+    ref_grads = torch.autograd.grad(rloss, ref_leaves)
+    assert_close(out, ref, dtype, name=f"out ({name})")
+    for n, a, r in zip(["q", "k", "v", "key_bias"], grads, ref_grads):
+        assert_close(a, r, dtype, name=f"grad {n} ({name})")
+
+
+def test_frame_blocks_with_roll_offsets_and_padding():
+    # frame-local windows compose with All-in-one's roll-aware rows: the same as rolling explicitly
+    T, B, text, F, frames, H, D = 3, 2, 2, 4, 3, 2, 16
+    S = text + F * frames
+    q, k, v = (randn(B * T, S, H, D, dtype=torch.float64).requires_grad_(True) for _ in range(3))
+    bias = randn(B * T, S, dtype=torch.float64).requires_grad_(True)
+    off = torch.randint(-3, 4, (S,), device=DEV)
+    kpm = torch.rand(B * T, S, device=DEV) < 0.2
+    kw = dict(frame_tokens=F, text_tokens=text, frame_window=1, key_padding_mask=kpm)
+    out = fastvl.ops.flash_attention(q, k, v, key_bias=bias, frame_offsets=off, num_frames=T, **kw)
+    g = randn(*out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v, bias), g)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+    rolled = [naive_roll(t, off, T) for t in leaves[:3]]
+    exp, _ = naive_full(*rolled, D**-0.5, kpm=naive_roll(kpm, off, T), bias=naive_roll(leaves[3], off, T),
+                        frames=(F, 1, text, False))  # fmt: skip
+    exp = naive_roll(exp, off, T, inverse=True)
+    exp_grads = torch.autograd.grad(exp, leaves, g)
+    torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-12)
+    for a, e in zip(grads, exp_grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_of_plain_attention_and_its_gradient(backend):
+    # return_lse on the plain path (every backend): the natural-log LSE, +inf on fully padded rows, and its
+    # gradient (d lse_i / d s_ij = P_ij) through the kernel's backward
+    N, S, H, D = 2, 27, 2, 32
+    q, k, v = (randn(N, S, H, D).requires_grad_(True) for _ in range(3))
+    kpm = torch.rand(N, S, device=DEV) < 0.3
+    kpm[1] = True
+    out, lse = fastvl.ops.flash_attention(q, k, v, key_padding_mask=kpm, return_lse=True, backend=backend)
+    assert lse.shape == (N, H, S) and lse.dtype == torch.float32 and torch.isinf(lse[1]).all()
+    gl = randn(N, H, S)
+    loss = (torch.where(torch.isfinite(lse), lse, 0) * gl).sum() + out.sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ro, rl = naive_full(*leaves, D**-0.5, kpm=kpm)
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert_close(lse[fin], rl[fin], torch.float32, name="lse")
+    rloss = (torch.where(fin, rl, 0) * gl.double()).sum() + ro.sum()
+    for a, r in zip(grads, torch.autograd.grad(rloss, leaves)):
+        assert_close(a, r, torch.float32, name="grad")
+
+
+# ---- attention rows -------------------------------------------------------------------------------
+
+ROWS_BACKENDS = [b.name for b in fastvl.backends.backends("attention_rows") if b.name in BACKENDS][::-1]
+
+
+@pytest.mark.parametrize("backend", ROWS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "gqa,bias,pad,softcap", [(False, None, True, 0.0), (True, 3, False, 2.0), (False, 2, True, 0.0)]
+)
+def test_attention_rows_equal_softmax_rows(backend, dtype, gqa, bias, pad, softcap):
+    # the rows of chosen queries (CLS + text) from the forward's LSE equal the rows of the full softmax
+    B, S, H, D, R = 2, 45, 4, 32, 3
+    Hk = 2 if gqa else H
+    q = randn(B, S, H, D, dtype=torch.float64).to(dtype)
+    k, v = (randn(B, S, Hk, D, dtype=torch.float64).to(dtype) for _ in range(2))
+    kb = None if bias is None else (randn(B, S) if bias == 2 else randn(B, H, S))
+    kpm = None
+    if pad:
+        kpm = torch.rand(B, S, device=DEV) < 0.3
+        kpm[1] = True  # every key padded: lse = +inf, rows of zeros
+    kw = dict(key_bias=kb, key_padding_mask=kpm, softcap=softcap)
+    _, lse = fastvl.ops.flash_attention(q, k, v, return_lse=True, backend="reference", **kw)
+    rows = fastvl.ops.attention_rows(q[:, :R], k, lse[:, :, :R].float(), backend=backend, **kw)
+    assert rows.shape == (B, H, R, S) and rows.dtype == torch.float32
+    qd, kd = q.double(), k.double()
+    kk = kd.repeat_interleave(H // Hk, dim=2)
+    s = torch.einsum("nqhd,nkhd->nhqk", qd[:, :R], kk) * D**-0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if kb is not None:
+        s = s + (kb[:, None, None, :] if kb.dim() == 2 else kb[:, :, None, :]).double()
+    if kpm is not None:
+        s = s.masked_fill(kpm[:, None, None, :], float("-inf"))
+    exp = s.softmax(-1).nan_to_num(0.0)
+    assert_close(rows, exp, torch.float32, rtol=1e-5, atol=1e-6, name="rows")
+    if pad:
+        assert torch.equal(rows[1], torch.zeros_like(rows[1]))
+    assert_close(rows.sum(-1)[0], torch.ones(H, R, dtype=torch.float64, device=DEV), torch.float32)
+
+
+def test_attention_rows_gradient():
+    B, S, H, D, R = 2, 13, 2, 16, 2
+    q = randn(B, R, H, D, dtype=torch.float64).requires_grad_(True)
+    k = randn(B, S, H, D, dtype=torch.float64).requires_grad_(True)
+    lse = (randn(B, H, R, dtype=torch.float64) + 3).requires_grad_(True)
+    kb = randn(B, S, dtype=torch.float64).requires_grad_(True)
+    rows = fastvl.ops.attention_rows(q, k, lse, key_bias=kb, softcap=4.0)
+    g = randn(*rows.shape, dtype=torch.float64)
+    got = torch.autograd.grad(rows, (q, k, lse, kb), g)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, lse, kb)]
+    s = 4.0 * torch.tanh(torch.einsum("nqhd,nkhd->nhqk", leaves[0], leaves[1]) * D**-0.5 / 4.0)
+    exp = torch.exp(s + leaves[3][:, None, None, :] - leaves[2][..., None])
+    for a, e in zip(got, torch.autograd.grad(exp, leaves, g)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+# ---- dropout ---------------------------------------------------------------------------------------
+
+
+def test_reference_dropout_mask_from_generator():
+    # the reference draws its keep mask from the generator (via one seed): the same generator state gives the
+    # same output; the output and gradients equal the textbook attention with that mask, scaled by 1 / (1 - p)
+    from fastvl.ops.attention.reference import dropout_keep
+
+    N, S, H, D, p = 2, 17, 2, 16, 0.3
+    q, k, v = (randn(N, S, H, D, dtype=torch.float64).requires_grad_(True) for _ in range(3))
+    a = fastvl.ops.flash_attention(q, k, v, p, generator=torch.Generator(device=DEV).manual_seed(5))
+    b = fastvl.ops.flash_attention(q, k, v, p, generator=torch.Generator(device=DEV).manual_seed(5))
+    c = fastvl.ops.flash_attention(q, k, v, p, generator=torch.Generator(device=DEV).manual_seed(6))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator(device=DEV).manual_seed(5), device=DEV))
+    keep = dropout_keep((N, H, S, S), p, seed, DEV)
+    assert abs(keep.double().mean().item() - (1 - p)) < 0.05
+    g = randn(N, S, H, D, dtype=torch.float64)
+    grads = torch.autograd.grad(a, (q, k, v), g)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    exp, _ = naive_full(*leaves, D**-0.5, keep=keep.double(), p=p)
+    torch.testing.assert_close(a, exp, rtol=1e-10, atol=1e-12)
+    for x, e in zip(grads, torch.autograd.grad(exp, leaves, g)):
+        torch.testing.assert_close(x, e, rtol=1e-10, atol=1e-12)
+
+
+# ---- dispatch of the features ---------------------------------------------------------------------
+
+
+def test_feature_capabilities_and_auto_choice():
+    from fastvl.ops.attention import backends as AB
+
+    # the reference serves every feature; every other backend explains each feature it does not serve
+    assert backends_of("reference").features == AB.FEATURES
+    for name in ("triton", "sdpa", "flash_attn", "xformers"):
+        for decl in fastvl.backends.get("flash_attention", name).capabilities:
+            for f in AB.FEATURES - decl.features:
+                assert f in decl.notes, (name, f)
+    # on the CPU, auto keeps SDPA for what it serves exactly (key bias as an additive mask, GQA), and the
+    # reference for frame blocks and windows (no materialised mask)
+    q = randn(2, 9, 4, 16, device="cpu")
+    k = randn(2, 9, 2, 16, device="cpu")
+    kb = randn(2, 9, device="cpu")
+    assert "[chosen] sdpa" in fastvl.explain(fastvl.ops.flash_attention, q, k, k, key_bias=kb)
+    text = fastvl.explain(fastvl.ops.flash_attention, q, k, k, frame_tokens=3, spatial_only=True)
+    assert "[chosen] reference" in text and "frame_blocks: frame-block windows are fastvl's own" in text
+    ref = fastvl.ops.flash_attention(q, k, k, key_bias=kb, backend="reference")
+    torch.testing.assert_close(fastvl.ops.flash_attention(q, k, k, key_bias=kb), ref, rtol=1e-5, atol=1e-6)
+
+
+def backends_of(name):
+    return fastvl.backends.get("flash_attention", name).capabilities[0]
+
+
+def _q(*shape):
+    return torch.randn(*shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(dropout_p=1.0), ValueError, r"'dropout_p' must be in \[0, 1\)"),
+        (dict(generator=3), TypeError, "'generator' must be a torch.Generator"),
+        (dict(window_size=(3,)), TypeError, "'window_size' must be a pair"),
+        (dict(window_size=(-2, 0)), ValueError, r"'window_size\[0\]' must be >= -1"),
+        (dict(softcap=-1.0), ValueError, "'softcap' must be in"),
+        (dict(alibi_slopes=torch.ones(3)), ValueError, r"'alibi_slopes' must have shape \(H,\)=\(4,\)"),
+        (dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), TypeError, "'alibi_slopes' must have dtype"),
+        (dict(key_bias=torch.ones(2, 8)), ValueError, r"'key_bias' must have shape \(N, Sk\) or \(N, H, Sk\)"),
+        (dict(key_bias=torch.ones(2, 9, dtype=torch.float16)), TypeError, "'key_bias' must have dtype"),
+        (dict(frame_window=1), ValueError, "'frame_window' needs frame_tokens"),
+        (dict(temporal_only=True), ValueError, "'temporal_only' needs frame_tokens"),
+        (dict(frame_tokens=4), ValueError, "whole frames of frame_tokens=4, got 9 video tokens"),
+        (dict(frame_tokens=3, spatial_only=True, temporal_only=True), ValueError, "exclusive"),
+        (dict(frame_tokens=3, frame_window=-1), ValueError, "'frame_window' must be >= 0"),
+        (dict(return_lse=1), TypeError, "'return_lse' must be a bool"),
+    ],
+)
+def test_bad_feature_arguments(kwargs, exc, match):
+    q, k = _q(2, 9, 4, 16), _q(2, 9, 2, 16)
+    with pytest.raises(exc, match=match):
+        fastvl.ops.flash_attention(q, k, k, **kwargs)
+
+
+def test_bad_gqa_and_rows_arguments():
+    with pytest.raises(ValueError, match="'k' must have a number of heads H_k dividing q's H=4"):
+        fastvl.ops.flash_attention(_q(2, 9, 4, 16), _q(2, 9, 3, 16), _q(2, 9, 3, 16))
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"'key_bias' must have shape \(total_k,\) or \(H, total_k\)"):
+        fastvl.ops.flash_attention_varlen(_q(9, 4, 16), _q(9, 2, 16), _q(9, 2, 16), cu, cu, 9, 9,
+                                          key_bias=torch.ones(3, 9))  # fmt: skip
+    q, k = _q(2, 3, 4, 16), _q(2, 9, 2, 16)
+    with pytest.raises(ValueError, match=r"'lse' must have shape \(B, H, R\)=\(2, 4, 3\)"):
+        fastvl.ops.attention_rows(q, k, torch.zeros(2, 3, 4))
+    with pytest.raises(TypeError, match="'lse' must have dtype"):
+        fastvl.ops.attention_rows(q, k, torch.zeros(2, 4, 3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="'k' must have H_k heads dividing"):
+        fastvl.ops.attention_rows(q, _q(2, 9, 3, 16), torch.zeros(2, 4, 3))

@@ -1,6 +1,6 @@
 """Functional ops. Each dispatches to a backend (reference / triton / cuda / peers) per call."""
 
-from .attention import flash_attention, flash_attention_varlen, roll_frame_offsets
+from .attention import attention_rows, flash_attention, flash_attention_varlen, roll_frame_offsets
 from .attention.packed import flash_attention_qkvpacked, flash_attention_varlen_qkvpacked
 from .contrastive import clip_loss, mil_nce_loss, siglip_loss
 from .layer_norm import layer_norm
@@ -13,6 +13,7 @@ from .tokens import drop_tokens, gather_tokens, random_masking
 
 __all__ = [
     "MergeInfo",
+    "attention_rows",
     "clip_loss",
     "drop_tokens",
     "flash_attention",

@@ -1,14 +1,19 @@
 """Attention backends: fastvl's Triton kernel and the peers, their declared capabilities, registration, the
 example calls and the FLOP formulas.
 
-Roles: ``forward(q, k, v, opts) -> (out, lse)`` and ``backward(dout, q, k, v, out, lse, opts) -> (dq, dk, dv)``
-inside fastvl's custom op (:class:`~.reference.AttentionOptions` ``opts``). Peers run outside it with their own
-autograd: ``forward(q, k, v, key_padding_mask, scale, causal, deterministic) -> out`` and, for flash_attn,
-``varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, deterministic) -> out``.
+Roles: ``forward(q, k, v, opts) -> (out, lse)`` and ``backward(dout, q, k, v, out, lse, dlse, opts) -> (dq, dk,
+dv, dbias)`` inside fastvl's custom op (:class:`~.reference.AttentionOptions` ``opts``; ``lse (H, rows)`` is the
+backend's own, natural log when ``opts.return_lse``; ``dbias`` an empty tensor without a key bias). Peers run
+outside it with their own autograd: ``forward(q, k, v, opts) -> (out, lse or None)`` and, for flash_attn,
+``varlen(q, k, v, opts)``. ``attention_rows``: ``forward(q_rows, k, lse, key_bias, key_padding_mask, scale,
+softcap) -> rows``.
 
 Features a call can use (``Call.features``): ``key_padding_mask``, ``frame_offsets`` (roll-aware addressing),
 ``varlen`` (cu_seqlens), ``deterministic`` (bitwise-repeatable gradients), ``causal``, ``causal_bottom_right``
-(causal with Sq != Sk: flash-attn's bottom-right alignment).
+(causal with Sq != Sk: flash-attn's bottom-right alignment), ``gqa`` (fewer k/v heads), ``key_bias``,
+``window`` (flash-attn's sliding window), ``window_bottom_right`` (a window with Sq != Sk), ``frame_blocks``
+(frame-local windows), ``temporal_only`` (divided attention's temporal half), ``softcap``, ``alibi``,
+``dropout``, ``generator`` (dropout drawn from a given torch.Generator), ``return_lse``.
 
 Why auto ranks them as it does (not measured on a GPU yet; revisit with benchmarks/results):
   flash_attn (40)  the reference FA2/FA3 CUDA kernels when installed: the fastest known for plain
@@ -17,13 +22,14 @@ Why auto ranks them as it does (not measured on a GPU yet; revisit with benchmar
                    tuned per GPU by PyTorch; auto takes it only where it keeps those kernels
   xformers (25)    memory-efficient CUTLASS kernels when installed
   triton (20)      fastvl's kernel: the one that serves key padding without leaving the fast path,
-                   roll offsets, varlen, fp32, deterministic gradients, any S
+                   roll offsets, varlen, fp32, deterministic gradients, any S, and the score features
   reference (0)    plain PyTorch math in fp32 (the spec; the CPU path)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +39,34 @@ from fastvl.backends import Call
 from fastvl.capabilities import Capabilities, Limit, triton_kernel
 from fastvl.rules import KERNEL_DTYPES, roll_count
 
-from .reference import AttentionOptions, attention_reference, attention_reference_backward
+from .reference import (
+    AttentionOptions,
+    attention_reference,
+    attention_reference_backward,
+    attention_rows_reference,
+)
 
 OP = "flash_attention"
-FEATURES = frozenset({"key_padding_mask", "frame_offsets", "varlen", "deterministic", "causal", "causal_bottom_right"})
+ROWS_OP = "attention_rows"
+FEATURES = frozenset(
+    {
+        "key_padding_mask", "frame_offsets", "varlen", "deterministic", "causal", "causal_bottom_right", "gqa",
+        "key_bias", "window", "window_bottom_right", "frame_blocks", "temporal_only", "softcap", "alibi", "dropout",
+        "generator", "return_lse",
+    }
+)  # fmt: skip
+ROWS_FEATURES = frozenset({"gqa", "key_bias", "key_padding_mask", "softcap"})
 _HALF = (torch.float16, torch.bfloat16)
+LN2 = math.log(2.0)
 
 # ---- fastvl's kernel ---------------------------------------------------------------------------
+
+# what fastvl's Triton kernels serve; the rest of FEATURES with the reason
+TRITON_FEATURES = frozenset(
+    {"key_padding_mask", "frame_offsets", "varlen", "deterministic", "causal", "causal_bottom_right", "return_lse"}
+)
+_TRITON_TODO = "{f}: fastvl's Triton kernel does not implement it yet (the reference does)"
+TRITON_NOTES = {f: _TRITON_TODO.format(f=f) for f in FEATURES - TRITON_FEATURES}
 
 
 def _kernel_args(opts: AttentionOptions) -> dict:
@@ -60,59 +87,130 @@ def attention_triton(q, k, v, opts: AttentionOptions):
     """FA2-style flash attention: key padding, varlen, roll offsets, deterministic backward."""
     from fastvl.kernels.attention import attention_forward
 
-    return attention_forward(q, k, v, **_kernel_args(opts))
+    out, lse = attention_forward(q, k, v, **_kernel_args(opts))
+    # the kernel's LSE is base 2; a returned one is the natural log (the backward converts it back)
+    return out, (lse * LN2 if opts.return_lse else lse)
 
 
-def attention_triton_backward(dout, q, k, v, out, lse, opts: AttentionOptions):
-    from fastvl.kernels.attention import attention_backward
+def attention_triton_backward(dout, q, k, v, out, lse, dlse, opts: AttentionOptions):
+    from fastvl.kernels.attention import LOG2E, attention_backward
 
-    return attention_backward(dout, q, k, v, out, lse, deterministic=opts.deterministic, **_kernel_args(opts))
+    if opts.return_lse:
+        lse = lse * LOG2E
+    dq, dk, dv = attention_backward(
+        dout, q, k, v, out, lse, deterministic=opts.deterministic, dlse=dlse, **_kernel_args(opts)
+    )
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+
+
+def attention_rows_triton(q_rows, k, lse, key_bias, key_padding_mask, scale, softcap):
+    """Softmax rows from the saved LSE, one program per (row block, key block, head)."""
+    from fastvl.kernels.attention import attention_rows_forward
+
+    return attention_rows_forward(q_rows, k, lse, scale=scale, key_bias=key_bias, key_padding_mask=key_padding_mask,
+                                  softcap=softcap)  # fmt: skip
+
+
+def attention_rows_reference_forward(q_rows, k, lse, key_bias, key_padding_mask, scale, softcap):
+    """plain PyTorch exp(s - lse) (the spec)"""
+    return attention_rows_reference(q_rows, k, lse, scale, key_bias, key_padding_mask, softcap)
 
 
 # ---- peers: called with their own autograd, outside fastvl's custom op -------------------------
 
 
-def sdpa(q, k, v, kpm, scale, causal, deterministic):
-    """torch scaled_dot_product_attention (CUDA flash/cuDNN; on the CPU torch's fused kernel)."""
-    mask, empty_rows = None, None
+def _sdpa_mask(opts: AttentionOptions, N: int, Sk: int, device):
+    """(attn_mask, rows with every key padded): a bool mask for key padding alone, a float one with a key bias."""
+    kpm, bias = opts.key_padding_mask, opts.key_bias
+    empty_rows = None
     if kpm is not None:
         empty_rows = kpm.all(1)  # sequences with every key padded: attend to all, then zero (no NaN)
-        mask = (~(kpm & ~empty_rows[:, None]))[:, None, None, :]
+        kpm = kpm & ~empty_rows[:, None]
+    if bias is None:
+        return (None if kpm is None else (~kpm)[:, None, None, :]), empty_rows
+    mask = bias[:, :, None, :]
+    if kpm is not None:
+        mask = mask.masked_fill(kpm[:, None, None, :], float("-inf"))
+    return mask, empty_rows
+
+
+def sdpa(q, k, v, opts: AttentionOptions):
+    """torch scaled_dot_product_attention (CUDA flash/cuDNN; on the CPU torch's fused kernel)."""
+    mask, empty_rows = _sdpa_mask(opts, q.shape[0], k.shape[1], q.device)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=scale
-    ).transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=opts.dropout_p,
+        is_causal=opts.causal, scale=opts.scale, **gqa,
+    ).transpose(1, 2)  # fmt: skip
     if empty_rows is not None:
         out = out * (~empty_rows)[:, None, None, None].to(out.dtype)
-    return out
+    return out, None
 
 
-def flash_attn(q, k, v, kpm, scale, causal, deterministic):
+def _flash_attn_kwargs(opts: AttentionOptions) -> dict:
+    kw = dict(dropout_p=opts.dropout_p, softmax_scale=opts.scale, causal=opts.causal,
+              window_size=(opts.window_left, opts.window_right), alibi_slopes=opts.alibi_slopes,
+              deterministic=opts.deterministic, return_attn_probs=opts.return_lse)  # fmt: skip
+    if opts.softcap > 0:
+        kw["softcap"] = opts.softcap
+    if kw["alibi_slopes"] is not None and kw["alibi_slopes"].shape[0] == 1:
+        kw["alibi_slopes"] = kw["alibi_slopes"][0]
+    return kw
+
+
+def flash_attn(q, k, v, opts: AttentionOptions):
     """flash-attn package (flash_attn_func / flash_attn_varlen_func)."""
     from flash_attn import flash_attn_func
 
-    return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, deterministic=deterministic)
+    res = flash_attn_func(q, k, v, **_flash_attn_kwargs(opts))
+    if not opts.return_lse:
+        return res, None
+    out, lse = res[0], res[1]  # lse (N, H, Sq)
+    return out, lse.transpose(0, 1).reshape(lse.shape[1], -1)
 
 
-def flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, deterministic):
+def flash_attn_varlen(q, k, v, opts: AttentionOptions):
     from flash_attn import flash_attn_varlen_func
 
-    return flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=causal,
-        deterministic=deterministic,
-    )  # fmt: skip
+    res = flash_attn_varlen_func(
+        q, k, v, opts.cu_seqlens_q, opts.cu_seqlens_k, opts.max_seqlen_q, opts.max_seqlen_k, **_flash_attn_kwargs(opts)
+    )
+    return (res[0], res[1]) if opts.return_lse else (res, None)
 
 
-def xformers(q, k, v, kpm, scale, causal, deterministic):
+def xformers(q, k, v, opts: AttentionOptions):
     """xformers memory_efficient_attention."""
     import xformers.ops as xops
 
-    bias = xops.LowerTriangularMask() if causal else None
-    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+    bias = xops.LowerTriangularMask() if opts.causal else None
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=opts.dropout_p, scale=opts.scale), None
 
 
 # ---- declarations ------------------------------------------------------------------------------
 
 _TOP_LEFT = "causal with Sq={Sq} != Sk={Sk}: {what} is top-left aligned, fastvl's bottom-right"
+_NO_LSE = "return_lse: {what} does not return the log-sum-exp"
+_NO_GEN = "generator: {what} draws dropout from torch's default generator, not a given one"
+_FRAMES = "{f}: frame-block windows are fastvl's own ({what} would need a materialised mask)"
+
+
+def _peer_notes(what: str, served: set[str]) -> dict[str, str]:
+    notes = {
+        "return_lse": _NO_LSE.format(what=what),
+        "generator": _NO_GEN.format(what=what),
+        "frame_blocks": _FRAMES.format(f="frame_blocks", what=what),
+        "temporal_only": _FRAMES.format(f="temporal_only", what=what),
+        "key_bias": f"key_bias: {what} takes no per-key bias",
+        "window": f"window: {what} has no sliding window",
+        "window_bottom_right": f"window_bottom_right: {what} has no sliding window",
+        "softcap": f"softcap: {what} has no tanh soft-capping",
+        "alibi": f"alibi: {what} takes no ALiBi slopes",
+        "gqa": f"gqa: fastvl does not pass grouped k/v heads to {what}",
+        "dropout": f"dropout: {what} has no attention dropout",
+    }
+    return {f: n for f, n in notes.items() if f not in served}
 
 
 def fused_peer(name: str, dtypes, features: set[str], **notes: str) -> Capabilities:
@@ -124,14 +222,15 @@ def fused_peer(name: str, dtypes, features: set[str], **notes: str) -> Capabilit
         dtype_args=("q",),
         limits=(Limit("D", "head dim D", 256, 8, why=f"{name}'s fused kernels need D % 8 == 0 and D <= 256"),),
         features=frozenset(features),
-        notes={"frame_offsets": rolled} | notes,
+        notes={"frame_offsets": rolled} | _peer_notes(name, set(features)) | notes,
     )
 
 
 def sdpa_special_case(call: Call) -> list[str]:
     """SDPA takes either is_causal or an attn_mask, not both."""
-    if call.params["causal"] and call.tensors.get("key_padding_mask") is not None:
-        return ["causal with key_padding_mask: SDPA takes either is_causal or an attn_mask"]
+    masked = call.tensors.get("key_padding_mask") is not None or call.tensors.get("key_bias") is not None
+    if call.params["causal"] and masked:
+        return ["causal with key_padding_mask or key_bias: SDPA takes either is_causal or an attn_mask"]
     return []
 
 
@@ -141,47 +240,63 @@ TRITON = triton_kernel(
         Limit("D", "head dim D", 128, why="the kernel keeps a (block, D) tile of q, k, v and the accumulator on chip"),
         Limit("NH", "N*H", 65535, why="the launch grid's second dimension"),
     ),
-    features=FEATURES,
+    features=TRITON_FEATURES,
+    notes=TRITON_NOTES,
 )
 _SDPA_NOTES = {
     "varlen": "varlen: torch SDPA has no cu_seqlens interface",
     "causal_bottom_right": _TOP_LEFT.replace("{what}", "SDPA's is_causal"),
 }
+_SDPA_SERVES = {"key_padding_mask", "causal", "gqa", "key_bias", "dropout"}
 SDPA = (
     # the CPU path: torch's fused CPU attention; roll-aware offsets by gathering rows (as the reference does)
     Capabilities(
         devices=("cpu",),
         dtypes=(torch.float32, torch.float64, torch.bfloat16),
         dtype_args=("q",),
-        features=frozenset({"key_padding_mask", "frame_offsets", "deterministic", "causal"}),
-        notes=_SDPA_NOTES,
+        features=frozenset(_SDPA_SERVES | {"frame_offsets", "deterministic"}),
+        notes=_peer_notes("SDPA", _SDPA_SERVES) | _SDPA_NOTES,
     ),
     dataclasses.replace(
         fused_peer(
             "sdpa",
             KERNEL_DTYPES,
-            {"key_padding_mask", "causal"},
+            _SDPA_SERVES,
             **_SDPA_NOTES,
             auto_dtypes="SDPA leaves its flash/cuDNN kernels for float32",
             deterministic="deterministic=True: SDPA's fused backward kernels do not promise bitwise-repeatable "
             "gradients",
             key_padding_mask="key_padding_mask: a mask moves SDPA off its flash/cuDNN kernels; fastvl's triton "
             "kernel masks natively (name backend='sdpa' to use SDPA's masked path anyway)",
+            key_bias="key_bias: an additive mask moves SDPA off its flash/cuDNN kernels (name backend='sdpa' to use "
+            "SDPA's masked path anyway)",
         ),
         auto_dtypes=_HALF,  # float32 only by name: SDPA then leaves its flash/cuDNN kernels
-        named_only=frozenset({"key_padding_mask"}),
+        named_only=frozenset({"key_padding_mask", "key_bias"}),
     ),
 )
 FLASH_ATTN = fused_peer(
     "flash_attn",
     _HALF,
-    {"varlen", "deterministic", "causal", "causal_bottom_right"},
+    {
+        "varlen",
+        "deterministic",
+        "causal",
+        "causal_bottom_right",
+        "gqa",
+        "window",
+        "window_bottom_right",
+        "softcap",
+        "alibi",
+        "dropout",
+        "return_lse",
+    },  # fmt: skip
     key_padding_mask="key_padding_mask: fastvl does not unpad for flash_attn (pass packed sequences to the varlen op)",
 )
 XFORMERS = fused_peer(
     "xformers",
     KERNEL_DTYPES,
-    {"causal"},
+    {"causal", "dropout"},
     varlen="varlen: fastvl does not build xformers' block-diagonal bias",
     key_padding_mask="key_padding_mask: fastvl does not build an xformers bias for it",
     deterministic="deterministic=True: xformers' backward is not bitwise repeatable",
@@ -200,6 +315,9 @@ backends.register(
     OP, "flash_attn", 40, FLASH_ATTN, requires="flash_attn", peer=True, forward=flash_attn, varlen=flash_attn_varlen
 )
 backends.register(OP, "xformers", 25, XFORMERS, requires="xformers", peer=True, forward=xformers)
+
+backends.register(ROWS_OP, "reference", 0, Capabilities(features=ROWS_FEATURES),
+                  forward=attention_rows_reference_forward)  # fmt: skip
 
 
 def example(device: torch.device, small: bool):
@@ -226,8 +344,21 @@ def example_varlen(device: torch.device, small: bool):
     return "flash_attention_varlen", (q, k, v, cu, cu, max(lengths), max(lengths)), {"causal": True}
 
 
+def example_rows(device: torch.device, small: bool):
+    """SMAUG-style scoring at VATT-M's video tokens: the CLS row of 8 clips x 12 heads over 1 + 1568 keys,
+    with ToMe's proportional-attention bias (fp16 q, k; fp32 LSE)."""
+    B, R, S, H, D = (2, 1, 23, 2, 16) if small else (8, 1, 1569, 12, 64)
+    new = torch.randn if small else torch.empty
+    q = new(B, R, H, D, dtype=torch.float16, device=device)
+    k = new(B, S, H, D, dtype=torch.float16, device=device)
+    lse = torch.full((B, H, R), 5.0, device=device)
+    bias = torch.zeros(B, S, device=device)
+    return ROWS_OP, (q, k, lse), {"key_bias": bias}
+
+
 backends.register_example(OP, example)
 backends.register_example(OP, example_varlen)
+backends.register_example(ROWS_OP, example_rows)
 
 
 # ---- FLOP formulas (FlopCounterMode): 4 N H Sq Sk D forward (half when causal), 2.5x that backward
@@ -253,7 +384,7 @@ def attention_flops(q, k, v, *flat_options_and_backend, **_) -> int:
     return f // 2 if opts.causal else f
 
 
-def attention_backward_flops(dout, q, k, v, out, lse, *flat_options_and_backend, **_) -> int:
+def attention_backward_flops(dout, q, k, v, out, lse, dlse, *flat_options_and_backend, **_) -> int:
     return 5 * attention_flops(q, k, v, *flat_options_and_backend) // 2
 
 
