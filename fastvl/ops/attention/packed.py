@@ -17,61 +17,71 @@ computes dq, dk, dv and stacks them (it is the spec, not a fast path).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
-from fastvl import backends, validate
+from fastvl import backends, rules, validate
 from fastvl.backends import Request, custom_op, get, implementation, public_op
 
 from . import OP as ATTENTION_OP
 from . import AttentionPlan, prepare, prepare_varlen
 from .reference import AttentionOptions, attention_reference_backward, roll_rows
 
-__all__ = ["OP", "flash_attention_qkvpacked", "flash_attention_varlen_qkvpacked", "qkvpacked_triton_backward"]
+__all__ = [
+    "OP",
+    "flash_attention_qkvpacked",
+    "flash_attention_varlen_qkvpacked",
+    "prepare_qkvpacked",
+    "prepare_varlen_qkvpacked",
+    "qkvpacked_reference_backward",
+    "qkvpacked_triton_backward",
+]
 
 OP = "flash_attention_qkvpacked"
 _OPTIONS = AttentionOptions.schema()
-_TENSOR_FIELDS = tuple(i for i, f in enumerate(dataclasses.fields(AttentionOptions)) if "Tensor" in str(f.type))
+_FIELDS = [f.name for f in dataclasses.fields(AttentionOptions)]
+_BIAS = _FIELDS.index("key_bias")
 
 
 def _views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return qkv.unbind(-3)
 
 
-# ---- backends: the forward is flash_attention's (on the views); the backwards return d(qkv) ------------------
+def _no_bias(qkv: torch.Tensor) -> torch.Tensor:
+    return qkv.new_empty(0, dtype=torch.float32)
 
 
-def qkvpacked_triton_backward(dout, qkv, out, lse, opts: AttentionOptions) -> torch.Tensor:
-    """fastvl's Triton backward writing dq, dk, dv into the views of one d(qkv)."""
-    from fastvl.kernels.attention import attention_backward
-    from fastvl.kernels.utils import empty
-
-    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
-    dq, dk, dv = _views(dqkv)
-    q, k, v = _views(qkv)
-    attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **kernel_arguments(opts))
-    return dqkv
+# ---- backends: the forward is flash_attention's on the views; the backwards return (d(qkv), dbias) ----------
 
 
 def kernel_arguments(opts: AttentionOptions) -> dict:
-    """The keyword arguments of ``fastvl.kernels.attention.attention_backward`` for ``opts``."""
-    return {
-        "scale": opts.scale,
-        "causal": opts.causal,
-        "key_padding_mask": opts.key_padding_mask,
-        "shift": opts.shift,
-        "num_frames": opts.num_frames,
-        "cu_seqlens_q": opts.cu_seqlens_q,
-        "cu_seqlens_k": opts.cu_seqlens_k,
-        "max_seqlen_q": opts.max_seqlen_q,
-        "max_seqlen_k": opts.max_seqlen_k,
-        "deterministic": opts.deterministic,
-    }
+    """The options ``fastvl.kernels.attention.attention_backward`` takes: its keywords are named after the
+    :class:`AttentionOptions` fields they receive (the features it does not take never reach it: the
+    declared capabilities keep such calls off the Triton backend)."""
+    from fastvl.kernels.attention import attention_backward
+
+    takes = inspect.signature(attention_backward).parameters
+    return {name: getattr(opts, name) for name in _FIELDS if name in takes}
 
 
-def qkvpacked_reference_backward(dout, qkv, out, lse, opts: AttentionOptions) -> torch.Tensor:
-    """The reference backward (plain PyTorch, fp32), its three gradients stacked."""
-    return torch.stack(attention_reference_backward(dout, *_views(qkv), out, lse, opts), dim=-3)
+def qkvpacked_triton_backward(dout, qkv, out, lse, dlse, opts: AttentionOptions):
+    """fastvl's Triton backward writing dq, dk, dv into the three views of one d(qkv)."""
+    from fastvl.kernels.attention import LOG2E, attention_backward
+    from fastvl.kernels.utils import empty
+
+    if opts.return_lse:  # the forward returned the natural-log LSE; the kernel reads base 2
+        lse = lse * LOG2E
+    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+    dq, dk, dv = _views(dqkv)
+    attention_backward(dout, *_views(qkv), out, lse, dlse=dlse, dq=dq, dk=dk, dv=dv, **kernel_arguments(opts))
+    return dqkv, _no_bias(qkv)
+
+
+def qkvpacked_reference_backward(dout, qkv, out, lse, dlse, opts: AttentionOptions):
+    """The reference backward (plain PyTorch, fp32), its three gradients stacked: the spec, not a fast path."""
+    dq, dk, dv, dbias = attention_reference_backward(dout, *_views(qkv), out, lse, dlse, opts)
+    return torch.stack((dq, dk, dv), dim=-3), dbias
 
 
 def _register() -> None:
@@ -105,38 +115,46 @@ def _packed_op(qkv, *options_and_backend):
 def _(qkv, key_padding_mask, shift, cu_seqlens_q, *_):
     q = qkv.select(-3, 0)
     rows = q.shape[0] if cu_seqlens_q is not None else q.shape[0] * q.shape[1]
-    return q.new_empty(q.shape), q.new_empty((q.shape[-2], rows), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[-2], rows), dtype=rules.compute_dtype(q.dtype))
 
 
-@custom_op(f"{OP}_backward", f"(Tensor dout, Tensor qkv, Tensor out, Tensor lse, {_OPTIONS}, str backend) -> Tensor")
-def _packed_bwd_op(dout, qkv, out, lse, *options_and_backend):
+@custom_op(
+    f"{OP}_backward",
+    f"(Tensor dout, Tensor qkv, Tensor out, Tensor lse, Tensor? dlse, {_OPTIONS}, str backend) -> (Tensor, Tensor)",
+)
+def _packed_bwd_op(dout, qkv, out, lse, dlse, *options_and_backend):
     *options, backend = options_and_backend
-    return implementation(OP, backend, "backward")(dout, qkv, out, lse, AttentionOptions(*options))
+    return implementation(OP, backend, "backward")(dout, qkv, out, lse, dlse, AttentionOptions(*options))
 
 
 @_packed_bwd_op.register_fake
-def _(dout, qkv, *_):
-    return qkv.new_empty(qkv.shape)
+def _(dout, qkv, out, lse, dlse, *options_and_backend):
+    bias = options_and_backend[_BIAS]
+    return qkv.new_empty(qkv.shape), (bias.new_empty(bias.shape) if bias is not None else _no_bias(qkv))
 
 
 def _setup(ctx, inputs, output):
-    qkv, *options_and_backend = inputs
+    qkv, *options = inputs[:-1]
     out, lse = output
-    tensors = [options_and_backend[i] for i in _TENSOR_FIELDS]
+    tensors = [x if isinstance(x, torch.Tensor) else None for x in options]
     ctx.save_for_backward(qkv, out, lse, *tensors)
-    ctx.rest = [None if i in _TENSOR_FIELDS else a for i, a in enumerate(options_and_backend)]
+    ctx.scalars = [None if isinstance(x, torch.Tensor) else x for x in options] + [inputs[-1]]
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    n_rest = len(ctx.rest)
-    if dout is None:
-        return (None,) * (1 + n_rest)
     qkv, out, lse, *tensors = ctx.saved_tensors
-    args = list(ctx.rest)
-    for i, t in zip(_TENSOR_FIELDS, tensors):
-        args[i] = t
-    return (_packed_bwd_op(dout, qkv, out, lse, *args),) + (None,) * n_rest
+    *scalars, backend = ctx.scalars
+    options = [t if s is None else s for t, s in zip(tensors, scalars)]
+    grads = [None] * (len(options) + 1)
+    if dout is None and dlse is None:
+        return (None, *grads)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dqkv, dbias = _packed_bwd_op(dout, qkv, out, lse, dlse, *options, backend)
+    if options[_BIAS] is not None:
+        grads[_BIAS] = dbias
+    return (dqkv, *grads)
 
 
 _packed_op.register_autograd(_backward, setup_context=_setup)
@@ -149,7 +167,7 @@ def packed_flops(qkv, *flat_options_and_backend, **_) -> int:
     return attention_flops(*_views(qkv), *flat_options_and_backend)
 
 
-def packed_backward_flops(dout, qkv, out, lse, *flat_options_and_backend, **_) -> int:
+def packed_backward_flops(dout, qkv, out, lse, dlse, *flat_options_and_backend, **_) -> int:
     """Backward FLOPs: 2.5x the forward (the recomputed QK^T plus four matmuls), as flash_attention's."""
     return 5 * packed_flops(qkv, *flat_options_and_backend) // 2
 
@@ -179,70 +197,93 @@ def _check_packed(op: str, qkv, ndim: int, layout: str) -> None:
 
 def _packed(plan: AttentionPlan, backend) -> AttentionPlan:
     call = dataclasses.replace(plan.requests[0].call, op=OP)
-    return AttentionPlan([Request(call, backend)], plan.options, plan.deterministic)
+    return AttentionPlan([Request(call, backend)], plan.options, plan.deterministic, plan.generator)
 
 
-def prepare_qkvpacked(qkv, softmax_scale=None, causal=False, *, backend=None, **options) -> AttentionPlan:
+def prepare_qkvpacked(
+    qkv, dropout_p=0.0, softmax_scale=None, causal=False, *, backend=None, **options
+) -> AttentionPlan:
     """Validate a :func:`flash_attention_qkvpacked` call and plan its dispatch."""
     _check_packed(OP, qkv, 5, "(N, S, 3, H, D)")
-    plan = prepare(*_views(qkv), softmax_scale=softmax_scale, causal=causal, backend=backend, **options)
+    plan = prepare(*_views(qkv), dropout_p, softmax_scale, causal, backend=backend, **options)
     return _packed(plan, backend)
 
 
 def prepare_varlen_qkvpacked(
-    qkv, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, *, backend=None, **options
+    qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, *, backend=None, **options
 ) -> AttentionPlan:
     """Validate a :func:`flash_attention_varlen_qkvpacked` call and plan its dispatch."""
     _check_packed("flash_attention_varlen_qkvpacked", qkv, 4, "(total, 3, H, D)")
     q, k, v = _views(qkv)
     plan = prepare_varlen(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=softmax_scale, causal=causal,
-        backend=backend, **options,
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, backend=backend,
+        **options,
     )  # fmt: skip
     return _packed(plan, backend)
 
 
-def _run(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    (name,) = plan.choose()
-    opts = plan.options
-    if not get(OP, name).peer:
-        out, _ = _packed_op(qkv, *opts.flat(), name)
-        return out
+def _with_seed(opts: AttentionOptions, generator, device) -> AttentionOptions:
+    """The dropout seed of one call, drawn from ``generator`` (torch's default one of the device when None), as
+    :func:`fastvl.ops.flash_attention` draws it; the backward regenerates the keep mask from it."""
+    if opts.dropout_p == 0:
+        return opts
+    where = generator.device if generator is not None else torch.device(device)
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where)
+    return dataclasses.replace(opts, dropout_seed=int(seed))
+
+
+def _run_peer(name: str, qkv: torch.Tensor, opts: AttentionOptions):
     q, k, v = _views(qkv)
-    peer = implementation(OP, name)
     if opts.varlen:
-        return implementation(OP, name, "varlen")(
-            q, k, v, opts.cu_seqlens_q, opts.cu_seqlens_k, opts.max_seqlen_q, opts.max_seqlen_k, opts.scale,
-            opts.causal, plan.deterministic,
-        )  # fmt: skip
+        return implementation(OP, name, "varlen")(q, k, v, opts)
+    peer = implementation(OP, name)
     if opts.shift is None:
-        return peer(q, k, v, opts.key_padding_mask, opts.scale, opts.causal, plan.deterministic)
+        return peer(q, k, v, opts)
     # a peer that accepts roll offsets (sdpa on the CPU) sees rolled copies; its output is rolled back
     shift, T = opts.shift, opts.num_frames
     q, k, v = (roll_rows(t, shift, T) for t in (q, k, v))
-    kpm = None if opts.key_padding_mask is None else roll_rows(opts.key_padding_mask, shift, T)
-    return roll_rows(peer(q, k, v, kpm, opts.scale, opts.causal, plan.deterministic), shift, T, inverse=True)
+    kpm, bias = opts.key_padding_mask, opts.key_bias
+    kpm = None if kpm is None else roll_rows(kpm, shift, T)
+    bias = None if bias is None else roll_rows(bias.transpose(1, 2), shift, T).transpose(1, 2)
+    out, lse = peer(q, k, v, dataclasses.replace(opts, key_padding_mask=kpm, key_bias=bias, shift=None))
+    return roll_rows(out, shift, T, inverse=True), lse
+
+
+def _run(qkv: torch.Tensor, plan: AttentionPlan):
+    """(out, lse (H, rows) natural log, or None from a peer without return_lse)."""
+    (name,) = plan.choose()
+    if get(OP, name).peer:
+        return _run_peer(name, qkv, plan.options)
+    opts = _with_seed(plan.options, plan.generator, qkv.device)
+    return _packed_op(qkv, *opts.flat(), name)
 
 
 @public_op(prepare_qkvpacked)
 def flash_attention_qkvpacked(
     qkv: torch.Tensor,
+    dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
     *,
     backend: str | None = None,
     **options,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of a packed ``qkv (N, S, 3, H, D)`` (fp16/bf16/fp32, any strides) -> ``(N, S, H, D)`` in
     qkv's dtype: ``flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ...)`` whose gradient is one
     ``(N, S, 3, H, D)`` tensor written by the attention backward (no stack of dq, dk, dv).
 
-    ``softmax_scale`` (default ``1/sqrt(D)``), ``causal`` and every keyword of
-    :func:`fastvl.ops.flash_attention` in ``options`` (``key_padding_mask (N, S)``, ``frame_offsets``,
-    ``num_frames``, ``deterministic``, ...) mean what they mean there.
+    ``dropout_p``, ``softmax_scale`` (default ``1/sqrt(D)``), ``causal`` and every keyword of
+    :func:`fastvl.ops.flash_attention` in ``options`` (``window_size``, ``softcap``, ``alibi_slopes``,
+    ``key_bias``, ``key_padding_mask (N, S)``, frame blocks, ``frame_offsets`` / ``num_frames``,
+    ``deterministic``, ``generator``, ``return_lse``) mean what they mean there. Returns ``out``, or
+    ``(out, lse (N, H, S) fp32)`` with ``return_lse=True``.
     """
-    plan = prepare_qkvpacked(qkv, softmax_scale, causal, backend=backend, **options)
-    return _run(qkv, plan)
+    plan = prepare_qkvpacked(qkv, dropout_p, softmax_scale, causal, backend=backend, **options)
+    out, lse = _run(qkv, plan)
+    if not plan.options.return_lse:
+        return out
+    N, S, _, H, _ = qkv.shape
+    return out, lse.view(H, N, S).transpose(0, 1)
 
 
 @public_op(prepare_varlen_qkvpacked)
@@ -250,19 +291,24 @@ def flash_attention_varlen_qkvpacked(
     qkv: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
     *,
     backend: str | None = None,
     **options,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Self-attention over packed variable-length sequences of one ``qkv (total, 3, H, D)`` -> ``(total, H, D)``:
     :func:`fastvl.ops.flash_attention_varlen` of the three views with ``cu_seqlens`` int32 ``(batch + 1,)`` for
     both q and k and ``max_seqlen`` at least the longest sequence; the gradient is one ``(total, 3, H, D)``
-    tensor. ``options``: the keywords of :func:`fastvl.ops.flash_attention_varlen`.
+    tensor. ``options``: the keywords of :func:`fastvl.ops.flash_attention_varlen`. Returns ``out``, or
+    ``(out, lse (H, total) fp32)`` with ``return_lse=True``.
     """
-    plan = prepare_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, softmax_scale, causal, backend=backend, **options)
-    return _run(qkv, plan)
+    plan = prepare_varlen_qkvpacked(
+        qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, backend=backend, **options
+    )
+    out, lse = _run(qkv, plan)
+    return (out, lse) if plan.options.return_lse else out
 
 
 def example(device: torch.device, small: bool):
