@@ -193,7 +193,12 @@ CASES = [
     ("varlen_qkvpacked", 97, 97, 64, "mha", True, False, 0.0, False, False, _F32),
     ("varlen_qkvpacked", 128, 128, 128, "mha", False, False, 0.0, True, False, _F16),
 ]
-BATCH, NHEADS = 2, 4
+BATCH = 2
+
+
+def _heads(mha: str) -> tuple[int, int]:
+    """(nheads, nheads_k): 2 heads (MQA: 1 k/v head), GQA 4 query heads on 2 k/v heads."""
+    return {"mha": (2, 2), "mqa": (2, 1), "gqa": (4, 2)}[mha]
 
 
 def _case_id(c) -> str:
@@ -207,8 +212,8 @@ def _inputs(case, dtype):
     """Fresh float64 draws (q scaled by softcap like flash-attn's test), the padding masks (varlen kinds),
     window, ALiBi slopes and bias. Values are rounded to ``dtype`` first so every computation sees the same."""
     kind, sq, sk, d, mha, causal, local, cap, alibi, det, _ = case
-    hk = NHEADS if mha == "mha" else (1 if mha == "mqa" else 2)
-    q = torch.randn(BATCH, sq, NHEADS, d, dtype=torch.float64) * (cap if cap > 0 else 1.0)
+    h, hk = _heads(mha)
+    q = torch.randn(BATCH, sq, h, d, dtype=torch.float64) * (cap if cap > 0 else 1.0)
     k = torch.randn(BATCH, sk, hk, d, dtype=torch.float64)
     v = torch.randn(BATCH, sk, hk, d, dtype=torch.float64)
     q, k, v = (t.to(dtype).double().to(DEV) for t in (q, k, v))
@@ -219,7 +224,7 @@ def _inputs(case, dtype):
         kmask = qmask if kind == "varlen_qkvpacked" else generate_random_padding_mask(sk, BATCH, DEV)
     slopes = bias = None
     if alibi:
-        slopes = (torch.rand(BATCH, NHEADS, dtype=torch.float32) * 0.3).to(DEV)
+        slopes = (torch.rand(BATCH, h, dtype=torch.float32) * 0.3).to(DEV)
         bias = attn_bias_from_alibi_slopes(slopes.double(), sq, sk, qmask, kmask)
     return q, k, v, window, qmask, kmask, slopes, bias
 
@@ -267,7 +272,7 @@ def _run_interface(case, dtype, q, k, v, window, qmask, kmask, slopes, with_lse=
     assert probs is None
     if lse is None:
         return out_pad(out), None, leaves, grads
-    assert lse.shape == (NHEADS, out.shape[0]) and lse.dtype == torch.float32  # flash-attn's varlen layout
+    assert lse.shape == (q.shape[2], out.shape[0]) and lse.dtype == torch.float32  # flash-attn's varlen layout
     lse_pad = rearrange(out_pad(rearrange(lse, "h t -> t h").float()), "b s h -> b h s")
     lse_pad = lse_pad.masked_fill(rearrange(~qmask, "b s -> b 1 s"), float("nan"))
     return out_pad(out), lse_pad, leaves, grads
@@ -287,19 +292,19 @@ def _fastvl_call(case, dtype):
     """The fastvl op and arguments the interface calls for ``case`` (empty tensors): to ask the dispatch
     which backends serve it."""
     kind, sq, sk, d, mha, causal, local, cap, alibi, det, _ = case
-    hk = NHEADS if mha == "mha" else (1 if mha == "mqa" else 2)
+    h, hk = _heads(mha)
     kw = dict(causal=causal, window_size=(3, 5) if local else (-1, -1), softcap=cap, deterministic=det,
-              alibi_slopes=torch.zeros(NHEADS, device=DEV) if alibi else None)  # fmt: skip
-    new = lambda *s: torch.zeros(*s, dtype=dtype, device=DEV)  # noqa: E731
+              alibi_slopes=torch.zeros(h, device=DEV) if alibi else None)  # fmt: skip
+    new = lambda *s: torch.empty(*s, dtype=dtype, device=DEV)  # noqa: E731
     if kind in ("func", "kvpacked"):
-        return fastvl.ops.flash_attention, (new(1, sq, NHEADS, d), new(1, sk, hk, d), new(1, sk, hk, d)), kw
+        return fastvl.ops.flash_attention, (new(1, sq, h, d), new(1, sk, hk, d), new(1, sk, hk, d)), kw
     if kind == "qkvpacked":
-        return fastvl.ops.flash_attention_qkvpacked, (new(1, sq, 3, NHEADS, d),), kw
+        return fastvl.ops.flash_attention_qkvpacked, (new(1, sq, 3, h, d),), kw
     cu_q = torch.tensor([0, sq], dtype=torch.int32, device=DEV)
     if kind == "varlen_qkvpacked":
-        return fastvl.ops.flash_attention_varlen_qkvpacked, (new(sq, 3, NHEADS, d), cu_q, sq), kw
+        return fastvl.ops.flash_attention_varlen_qkvpacked, (new(sq, 3, h, d), cu_q, sq), kw
     cu_k = torch.tensor([0, sk], dtype=torch.int32, device=DEV)
-    args = (new(sq, NHEADS, d), new(sk, hk, d), new(sk, hk, d), cu_q, cu_k, sq, sk)
+    args = (new(sq, h, d), new(sk, hk, d), new(sk, hk, d), cu_q, cu_k, sq, sk)
     return fastvl.ops.flash_attention_varlen, args, kw
 
 
@@ -649,3 +654,13 @@ def test_packed_flops_opcheck_and_fake():
     with FakeTensorMode():
         fq = torch.empty(6, 11, 3, 3, 32)
         assert fastvl.ops.flash_attention_qkvpacked(fq).shape == (6, 11, 3, 32)
+
+
+def test_docs_alignment_example_holds():
+    """docs/attention.md's example of padded (fastvl) vs unpadded (flash-attn) causal alignment runs as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "attention.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    example = next(b for b in blocks if "flash_attn_varlen_func" in b and "assert" in b)
+    exec(compile(example, "docs/attention.md", "exec"), {})
