@@ -322,4 +322,15 @@ def example(device: torch.device, small: bool):
     return "flash_attention_qkvpacked", (qkv,), {"key_padding_mask": kpm}
 
 
+def example_varlen(device: torch.device, small: bool):
+    """Packed sequences of 3 lengths in one qkv, causal (fp16)."""
+    lengths = (5, 11, 2) if small else (512, 1024, 77)
+    H, D = (2, 16) if small else (12, 64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    new = torch.randn if small else torch.empty
+    qkv = new(sum(lengths), 3, H, D, dtype=torch.float16, device=device)
+    return "flash_attention_varlen_qkvpacked", (qkv, cu, max(lengths)), {"causal": True}
+
+
 backends.register_example(OP, example)
+backends.register_example(OP, example_varlen)
