@@ -664,3 +664,54 @@ def test_docs_alignment_example_holds():
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
     example = next(b for b in blocks if "flash_attn_varlen_func" in b and "assert" in b)
     exec(compile(example, "docs/attention.md", "exec"), {})
+
+
+@pytest.mark.skipif(DEV.type != "cpu", reason="auto's choices asserted here are the CPU's (no fused peers)")
+def test_auto_takes_sdpa_where_it_serves_exactly_and_says_why_not(monkeypatch):
+    """Under auto (no backend named) an interface call runs torch SDPA where SDPA computes exactly that call, and
+    otherwise the reference on the CPU (Triton runs in the interpreter only when named); the reasons name the
+    feature SDPA lacks."""
+    ran = []
+    for op in ("flash_attention", "flash_attention_qkvpacked"):
+        for b in backends.backends(op):
+            for role, fn in b.impls.items():
+                monkeypatch.setitem(
+                    b.impls, role, lambda *a, _f=fn, _at=(op, b.name, role), **k: ran.append(_at) or _f(*a, **k)
+                )
+    q, k, v = torch.randn(3, 2, 9, 2, 16)
+    ran.clear()
+    flash_attn.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), 0.0, None, True)
+    assert ran == [("flash_attention_qkvpacked", "sdpa", "forward")]
+    cases = [  # (flash-attn keywords, the fastvl op's, what auto runs, the feature SDPA lacks)
+        ({"causal": True}, {"causal": True}, "sdpa", None),
+        ({"return_attn_probs": True}, {"return_lse": True}, "reference", "return_lse"),
+        ({"window_size": (2, 0)}, {"window_size": (2, 0)}, "reference", "window"),
+        ({"softcap": 5.0}, {"softcap": 5.0}, "reference", "softcap"),
+        ({"alibi_slopes": torch.ones(2)}, {"alibi_slopes": torch.ones(2)}, "reference", "alibi"),
+    ]
+    for fa_kw, kw, expect, feature in cases:
+        ran.clear()
+        flash_attn.flash_attn_func(q, k, v, **fa_kw)
+        assert ran == [("flash_attention", expect, "forward")], (fa_kw, ran)
+        report = fastvl.explain(fastvl.ops.flash_attention, q, k, v, **kw)
+        assert f"[chosen] {expect}" in report
+        if feature:
+            assert feature in next(line for line in report.splitlines() if "] sdpa" in line), report
+
+
+def test_packed_triton_backward_refuses_options_its_kernel_does_not_take():
+    """The packed Triton backward passes the kernel the options named like its keywords; an option in use that
+    the kernel lacks raises instead of computing a different gradient."""
+    import dataclasses
+
+    from fastvl.kernels.attention import attention_backward
+    from fastvl.ops.attention.packed import kernel_arguments
+    from fastvl.ops.attention.reference import AttentionOptions
+
+    takes = inspect.signature(attention_backward).parameters
+    opts = AttentionOptions(scale=0.5, causal=True, return_lse=True)
+    assert kernel_arguments(opts) == {f: getattr(opts, f) for f in takes if f in AttentionOptions.__dataclass_fields__}
+    lacking = [f for f in ("window_left", "softcap", "frame_tokens") if f not in takes]
+    for name in lacking:
+        with pytest.raises(NotImplementedError, match=f"takes no '{name}'"):
+            kernel_arguments(dataclasses.replace(opts, **{name: 3}))

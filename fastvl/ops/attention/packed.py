@@ -57,12 +57,28 @@ def _no_bias(qkv: torch.Tensor) -> torch.Tensor:
 
 def kernel_arguments(opts: AttentionOptions) -> dict:
     """The options ``fastvl.kernels.attention.attention_backward`` takes: its keywords are named after the
-    :class:`AttentionOptions` fields they receive (the features it does not take never reach it: the
-    declared capabilities keep such calls off the Triton backend)."""
+    :class:`AttentionOptions` fields they receive. An option in use that the kernel does not take raises
+    (never a silently different backward); ``return_lse`` is handled here, on the host."""
     from fastvl.kernels.attention import attention_backward
 
     takes = inspect.signature(attention_backward).parameters
+    unused = [
+        f.name
+        for f in dataclasses.fields(AttentionOptions)
+        if f.name not in takes and f.name != "return_lse" and _in_use(getattr(opts, f.name), f.default)
+    ]
+    if unused:
+        raise NotImplementedError(
+            f"{OP}: fastvl.kernels.attention.attention_backward takes no {', '.join(map(repr, unused))}; "
+            "the Triton backend's declared features and its kernel disagree"
+        )
     return {name: getattr(opts, name) for name in _FIELDS if name in takes}
+
+
+def _in_use(value, default) -> bool:
+    if isinstance(value, torch.Tensor) or default is None:
+        return value is not None
+    return value != default
 
 
 def qkvpacked_triton_backward(dout, qkv, out, lse, dlse, opts: AttentionOptions):
