@@ -705,6 +705,7 @@ def test_packed_triton_backward_refuses_options_its_kernel_does_not_take():
     import dataclasses
 
     from fastvl.kernels.attention import attention_backward
+
     from fastvl.ops.attention.packed import kernel_arguments
     from fastvl.ops.attention.reference import AttentionOptions
 
