@@ -198,7 +198,7 @@ def _packed(N, S, H, D, dtype):
     return buf, buf.unbind(2)
 
 
-CASES = ("allinone", "vatt", "d128", "long", "long_causal", "d32", "fp32", "tf32")
+CASES = ("allinone", "vatt", "d128", "long", "long_causal", "d32", "fp32", "tf32", "frames", "features128")
 
 
 def cases(names):
@@ -225,6 +225,20 @@ def cases(names):
     if "d128" in names:
         buf, (q, k, v) = _packed(8, 1568, 8, 128, torch.bfloat16)
         out["d128"] = ("8x1568 H8 D128 bf16", (q, k, v), {}, buf)
+    if "frames" in names:  # VATT-M as 8 frames of 196 tokens: frame-local windows (w=1) with a ToMe key bias
+        from fastvl.kernels.attention import Features
+
+        buf, (q, k, v) = _packed(8, 1568, 16, 64, torch.bfloat16)
+        feats = Features(key_bias=torch.zeros(8, 1, 1568), frame_tokens=196, frame_window=1)
+        out["frames"] = ("VATT-M 8x1568 H16 D64 bf16 frame_window=1 + key_bias", (q, k, v), dict(features=feats), buf)
+    if "features128" in names:  # D128 GQA (8 q heads on 2 k/v heads), sliding window, softcap, ALiBi, causal
+        from fastvl.kernels.attention import Features
+
+        q = torch.randn(8, 1568, 8, 128).to(torch.bfloat16)
+        k, v = (torch.randn(8, 1568, 2, 128).to(torch.bfloat16) for _ in range(2))
+        feats = Features(window=(256, 0), softcap=30.0, alibi_slopes=torch.rand(1, 8))
+        out["features128"] = ("8x1568 H8/2 D128 bf16 GQA window softcap alibi causal", (q, k, v),
+                              dict(features=feats, causal=True), None)  # fmt: skip
     if "long" in names:
         q, k, v = (torch.randn(2, 4096, 16, 64).to(torch.bfloat16) for _ in range(3))
         out["long"] = ("2x4096 H16 D64 bf16", (q, k, v), {}, None)

@@ -313,6 +313,106 @@ def test_gpu_tilings_match_float64(kernel, cfg, dtype):
         assert_close(got, r, dtype, torch_same_dtype=s, atol=atol, name=f"{n} ({name}, D={D})")
 
 
+# the score features and windows through every GPU block shape (kernel-level launchers, ``config=``), each
+# block shape taking one feature set in turn, against the materialised-mask oracle in float64
+_FEATURE_SETS = ["bias+gqa+window+kpm", "frames+bias+roll", "temporal+softcap+alibi+causal", "varlen+gqa+window+bias"]
+
+
+def _feature_case(name, dtype, S_min):
+    """(q, k, v, launcher kwargs, oracle(q, k, v, bias) -> out) of one feature set; S >= S_min."""
+    A = _kernels()
+    T, H = 3, 2
+    F, text = 16, 5
+    frames = -(-(S_min - text) // F)
+    S = text + F * frames
+    Hk = 1 if "gqa" in name else H
+    kw, feats = {}, {}
+    if name.startswith("varlen"):
+        lq = [S, 1, 0, S // 2 + 3]
+        cu = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        q = randn(sum(lq), H, 32, dtype=torch.float64).to(dtype)
+        k, v = (randn(sum(lq), Hk, 32, dtype=torch.float64).to(dtype) for _ in range(2))
+        bias = randn(1, 1, sum(lq)).requires_grad_(True)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=S, max_seqlen_k=S, causal=True)
+        feats = dict(key_bias=bias, window=(S // 3, -1))
+
+        def oracle(q, k, v, bias):
+            outs = []
+            for b in range(len(lq)):
+                r = slice(int(cu[b]), int(cu[b + 1]))
+                o, _ = naive_full(q[r][None], k[r][None], v[r][None], 32**-0.5, causal=True, window=(S // 3, -1),
+                                  bias=bias[0, :, r])  # fmt: skip
+                outs.append(o[0])
+            return torch.cat(outs)
+
+        return q, k, v, dict(kw, features=A.Features(**feats)), oracle, bias
+    q = randn(T, S, H, 32, dtype=torch.float64).to(dtype)
+    k, v = (randn(T, S, Hk, 32, dtype=torch.float64).to(dtype) for _ in range(2))
+    bias, nk, shift = None, {}, None
+    if "bias" in name:
+        bias = randn(T, H if "gqa" in name else 1, S).requires_grad_(True)
+        feats["key_bias"] = bias
+    if "window" in name:
+        feats["window"] = nk["window"] = (S // 3, 7)
+    if "kpm" in name:
+        kpm = torch.rand(T, S, device=DEV) < 0.3
+        kpm[1] = True
+        kw["key_padding_mask"] = nk["kpm"] = kpm
+    if name.startswith("frames"):
+        feats.update(frame_tokens=F, text_tokens=text, frame_window=1)
+        nk["frames"] = (F, 1, text, False)
+    if name.startswith("temporal"):
+        feats.update(frame_tokens=F, text_tokens=text, temporal=True, softcap=2.0)
+        feats["alibi_slopes"] = torch.rand(1, H, device=DEV) * 0.2
+        nk.update(frames=(F, -1, text, True), softcap=2.0, alibi=feats["alibi_slopes"].double(), causal=True)
+        kw["causal"] = True
+    if "roll" in name:
+        shift = torch.randint(0, T, (S,), dtype=torch.int32, device=DEV)
+        kw.update(shift=shift, num_frames=T)
+
+    def oracle(q, k, v, bias):
+        b = None if bias is None else (bias[:, 0] if bias.shape[1] == 1 else bias)
+        if shift is None:
+            return naive_full(q, k, v, 32**-0.5, bias=b, **nk)[0]
+        rolled = [naive_roll(t, shift, T) for t in (q, k, v)]
+        rb = None if b is None else naive_roll(b if b.dim() == 2 else b.transpose(1, 2), shift, T)
+        out, _ = naive_full(*rolled, 32**-0.5, bias=rb, **nk)
+        return naive_roll(out, shift, T, inverse=True)
+
+    return q, k, v, dict(kw, features=A.Features(**feats)), oracle, bias
+
+
+@pytest.mark.parametrize(
+    "kernel,cfg", _block_shapes("fwd") + _block_shapes("kv_dq") + _block_shapes("kv") + _block_shapes("q")
+)
+def test_gpu_tilings_features_match_float64(kernel, cfg):
+    A = _kernels()
+    shapes = [p.values[1].kwargs for p in _block_shapes(kernel)]
+    i = shapes.index(cfg.kwargs) + len(kernel)
+    name = _FEATURE_SETS[i % len(_FEATURE_SETS)]
+    dtype = (torch.float32, torch.float16)[i % 2]
+    q, k, v, kw, oracle, bias = _feature_case(name, dtype, max(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) + 19)
+    scale = 32**-0.5
+    out, lse = A.attention_forward(q, k, v, scale=scale, config=cfg if kernel == "fwd" else None, **kw)
+    dout = randn(*out.shape, dtype=torch.float64).to(dtype)
+    grads = A.attention_backward(
+        dout, q, k, v, out, lse, scale=scale, deterministic=kernel in ("kv", "q"),
+        config=None if kernel == "fwd" else {kernel: cfg}, **kw,
+    )  # fmt: skip
+    results = []
+    for cast in (torch.float64, dtype):
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+        bl = [bias.detach().double().requires_grad_(True)] if bias is not None else []
+        o = oracle(*leaves, bl[0] if bl else None)
+        results.append((o.detach(), torch.autograd.grad(o, leaves + bl, dout.to(cast))))
+    (ref, ref_g), (same, same_g) = results
+    names = ["out", "grad q", "grad k", "grad v", "grad bias"]
+    for n, got, r, sm in zip(names, (out, *grads), (ref, *ref_g), (same, *same_g)):
+        atol = 1e-5 * max(1.0, r.abs().max().item()) if dtype == torch.float32 or n == "grad bias" else None
+        assert_close(got, r, dtype if n != "grad bias" else torch.float32, torch_same_dtype=sm.to(got.dtype),
+                     atol=atol, name=f"{n} ({name})")  # fmt: skip
+
+
 @pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -752,7 +852,7 @@ def build(fn, ptrs, constexprs, warps):
         if fn.params[i].is_constexpr or name in constexprs:
             sig[name] = "constexpr"
         else:
-            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps") else "i32")
+            sig[name] = ptrs.get(name, "fp32" if name in ("qk_scale", "sm_scale", "eps", "cap2") else "i32")
     opts = {"num_warps": warps, "num_stages": 3}
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -760,8 +860,10 @@ bf = "*bf16"
 ptrs = dict(Q=bf, K=bf, V=bf, O=bf, DO=bf, DQ=bf, DK=bf, DV=bf, LSE="*fp32", DELTA="*fp32", KPM="*u8", SHIFT="*i32",
             CU_Q="*i32", CU_K="*i32", X=bf, R=bf, W=bf, B=bf, Y=bf, HS=bf, MEAN="*fp32", RSTD="*fp32", DY=bf, DH=bf,
             DX=bf, DW_PART="*fp32", DB_PART="*fp32", PART="*fp32", OUT=bf)
-ptrs.update(DQ_ACC="*fp32")
-every = dict(HEAD_DIM=96, VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
+ptrs.update(DQ_ACC="*fp32", BIAS="*fp32", DBIAS="*fp32", ALIBI_S="*fp32")
+plain = dict(HAS_BIAS=False, SOFTCAP=False, ALIBI=False, WINDOW=False, FRAMES=False, TEMPORAL=False)
+every = dict(plain, HEAD_DIM=96, VARLEN=False, ROLL=True, HAS_KPM=True, CAUSAL=True, BLOCK_D=128, PRECISION="tf32")
+feats = dict(every, HEAD_DIM=64, BLOCK_D=64, HAS_BIAS=True, SOFTCAP=True, ALIBI=True, WINDOW=True, FRAMES=True)
 build(A._attn_fwd, ptrs, dict(every, BLOCK_M=128, BLOCK_N=64), 8)
 build(A._attn_fwd, ptrs, dict(every, HEAD_DIM=64, BLOCK_D=64, VARLEN=True, ROLL=False, HAS_KPM=False, BLOCK_M=128,
                               BLOCK_N=64), 8)
@@ -769,6 +871,9 @@ build(A._attn_bwd_pre, ptrs, dict(HEAD_DIM=96, VARLEN=False, ROLL=True, ZERO_DQ=
 build(A._attn_bwd_kv, ptrs, dict(every, HEAD_DIM=128, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64), 8)
 build(A._attn_bwd_kv, ptrs, dict(every, ATOMIC_DQ=False, BLOCK_M=32, BLOCK_N=128), 8)
 build(A._attn_bwd_q, ptrs, dict(every, BLOCK_M=128, BLOCK_N=32), 8)
+build(A._attn_fwd, ptrs, dict(feats, BLOCK_M=128, BLOCK_N=64), 8)
+build(A._attn_bwd_kv, ptrs, dict(feats, TEMPORAL=True, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64), 8)
+build(A._attn_bwd_q, ptrs, dict(feats, BLOCK_M=128, BLOCK_N=64), 8)
 build(A._attn_bwd_dq_cast, dict(ptrs, DQ_ACC="*fp32"), dict(HEAD_DIM=96, VARLEN=False, BLOCK_M=64, BLOCK_D=128), 4)
 build(LN._ln_fwd, ptrs, dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_R=4, BLOCK_C=1024), 4)
 build(LN._ln_bwd, ptrs, dict(HAS_DH=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_R=4, BLOCK_C=1024), 4)
@@ -779,7 +884,8 @@ print("compiled")
 
 def test_kernels_compile_for_sm90():
     # the interpreter never lowers the kernels; this compiles the bf16 attention (roll + padding + causal,
-    # and varlen) and layer-norm kernels to an H100 cubin with Triton's bundled ptxas, no GPU needed
+    # varlen, and every score feature with windows and frame blocks) and layer-norm kernels to an H100 cubin
+    # with Triton's bundled ptxas, no GPU needed
     import importlib.util
     import os
     import subprocess
@@ -948,7 +1054,7 @@ def naive_full(q, k, v, scale, *, causal=False, kpm=None, window=(-1, -1), softc
     i = torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
     j = torch.arange(Sk, device=q.device)[None, :]
     if alibi is not None:
-        s = s - alibi.reshape(-1, H, 1, 1) * (i - j).abs().to(s.dtype)
+        s = s - alibi.reshape(-1, H, 1, 1).to(s.dtype) * (i - j).abs().to(s.dtype)
     if bias is not None:
         s = s + (bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]).to(s.dtype)
     vis = torch.ones(N, 1, Sq, Sk, dtype=torch.bool, device=q.device)

@@ -62,14 +62,19 @@ LN2 = math.log(2.0)
 # ---- fastvl's kernel ---------------------------------------------------------------------------
 
 # what fastvl's Triton kernels serve; the rest of FEATURES with the reason
-TRITON_FEATURES = frozenset(
-    {"key_padding_mask", "frame_offsets", "varlen", "deterministic", "causal", "causal_bottom_right", "return_lse"}
-)
+TRITON_FEATURES = FEATURES - {"dropout", "generator"}
 _TRITON_TODO = "{f}: fastvl's Triton kernel does not implement it yet (the reference does)"
 TRITON_NOTES = {f: _TRITON_TODO.format(f=f) for f in FEATURES - TRITON_FEATURES}
 
 
 def _kernel_args(opts: AttentionOptions) -> dict:
+    from fastvl.kernels.attention import Features
+
+    features = Features(
+        key_bias=opts.key_bias, window=(opts.window_left, opts.window_right), softcap=opts.softcap,
+        alibi_slopes=opts.alibi_slopes, frame_tokens=opts.frame_tokens, frame_window=opts.frame_window,
+        text_tokens=opts.text_tokens, temporal=opts.temporal,
+    )  # fmt: skip
     return {
         "scale": opts.scale,
         "causal": opts.causal,
@@ -80,11 +85,13 @@ def _kernel_args(opts: AttentionOptions) -> dict:
         "cu_seqlens_k": opts.cu_seqlens_k,
         "max_seqlen_q": opts.max_seqlen_q,
         "max_seqlen_k": opts.max_seqlen_k,
+        "features": features,
     }
 
 
 def attention_triton(q, k, v, opts: AttentionOptions):
-    """FA2-style flash attention: key padding, varlen, roll offsets, deterministic backward."""
+    """FA2-style flash attention: key padding, varlen, roll offsets, GQA, key bias, windows and frame blocks that
+    skip the tiles outside them, softcap, ALiBi, deterministic backward."""
     from fastvl.kernels.attention import attention_forward
 
     out, lse = attention_forward(q, k, v, **_kernel_args(opts))
@@ -97,10 +104,12 @@ def attention_triton_backward(dout, q, k, v, out, lse, dlse, opts: AttentionOpti
 
     if opts.return_lse:
         lse = lse * LOG2E
-    dq, dk, dv = attention_backward(
+    grads = attention_backward(
         dout, q, k, v, out, lse, deterministic=opts.deterministic, dlse=dlse, **_kernel_args(opts)
     )
-    return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+    if opts.key_bias is None:
+        return (*grads, q.new_empty(0, dtype=torch.float32))
+    return grads
 
 
 def attention_rows_triton(q_rows, k, lse, key_bias, key_padding_mask, scale, softcap):
@@ -318,6 +327,12 @@ backends.register(OP, "xformers", 25, XFORMERS, requires="xformers", peer=True, 
 
 backends.register(ROWS_OP, "reference", 0, Capabilities(features=ROWS_FEATURES),
                   forward=attention_rows_reference_forward)  # fmt: skip
+ROWS_TRITON = triton_kernel(
+    dtype_args=("q_rows",),
+    limits=(Limit("D", "head dim D", 128, why="the kernel keeps a (block, D) tile of q and k on chip"),),
+    features=ROWS_FEATURES,
+)
+backends.register(ROWS_OP, "triton", 20, ROWS_TRITON, requires="triton", forward=attention_rows_triton)
 
 
 def example(device: torch.device, small: bool):
