@@ -699,20 +699,24 @@ def test_auto_takes_sdpa_where_it_serves_exactly_and_says_why_not(monkeypatch):
             assert feature in next(line for line in report.splitlines() if "] sdpa" in line), report
 
 
-def test_packed_triton_backward_refuses_options_its_kernel_does_not_take():
-    """The packed Triton backward passes the kernel the options named like its keywords; an option in use that
-    the kernel lacks raises instead of computing a different gradient."""
-    import dataclasses
-
-    from fastvl.kernels.attention import attention_backward
+def test_packed_triton_backward_refuses_options_its_kernel_does_not_take(monkeypatch):
+    """The packed Triton backward passes the kernel the options named like its keywords (and its Features); an
+    option in use that the kernel lacks raises instead of computing a different gradient."""
+    import fastvl.kernels.attention as kernels
 
     from fastvl.ops.attention.packed import kernel_arguments
     from fastvl.ops.attention.reference import AttentionOptions
 
-    takes = inspect.signature(attention_backward).parameters
-    opts = AttentionOptions(scale=0.5, causal=True, return_lse=True)
-    assert kernel_arguments(opts) == {f: getattr(opts, f) for f in takes if f in AttentionOptions.__dataclass_fields__}
-    lacking = [f for f in ("window_left", "softcap", "frame_tokens") if f not in takes]
-    for name in lacking:
-        with pytest.raises(NotImplementedError, match=f"takes no '{name}'"):
-            kernel_arguments(dataclasses.replace(opts, **{name: 3}))
+    opts = AttentionOptions(scale=0.5, causal=True, return_lse=True, window_left=3, softcap=2.0, frame_tokens=4)
+    args = kernel_arguments(opts)
+    assert args["scale"] == 0.5 and args["causal"] is True and "return_lse" not in args
+    assert (args["features"].window, args["features"].softcap, args["features"].frame_tokens) == ((3, -1), 2.0, 4)
+
+    def plain_kernel(dout, q, k, v, out, lse, *, scale, causal=False, deterministic=False, dq=None, dk=None, dv=None):
+        """a kernel launcher without score features"""
+
+    monkeypatch.setattr(kernels, "attention_backward", plain_kernel)
+    with pytest.raises(NotImplementedError, match="takes no 'window_left', 'softcap', 'frame_tokens'"):
+        kernel_arguments(opts)
+    assert kernel_arguments(AttentionOptions(scale=0.5, causal=True)) == {"scale": 0.5, "causal": True,
+                                                                         "deterministic": False}  # fmt: skip

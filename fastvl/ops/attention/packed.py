@@ -56,29 +56,35 @@ def _no_bias(qkv: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_arguments(opts: AttentionOptions) -> dict:
-    """The options ``fastvl.kernels.attention.attention_backward`` takes: its keywords are named after the
-    :class:`AttentionOptions` fields they receive. An option in use that the kernel does not take raises
-    (never a silently different backward); ``return_lse`` is handled here, on the host."""
+    """The keyword arguments of ``fastvl.kernels.attention.attention_backward`` for ``opts``: the options named
+    like its keywords, and its ``features`` (a ``Features``) from the options named like Features' fields
+    (``window`` from ``window_left/right``). An option in use that neither takes raises (never a silently
+    different backward); ``return_lse`` is handled by the caller, on the host."""
     from fastvl.kernels.attention import attention_backward
 
     takes = inspect.signature(attention_backward).parameters
-    unused = [
-        f.name
-        for f in dataclasses.fields(AttentionOptions)
-        if f.name not in takes and f.name != "return_lse" and _in_use(getattr(opts, f.name), f.default)
-    ]
+    args = {name: getattr(opts, name) for name in _FIELDS if name in takes}
+    used = set(args) | {"return_lse"}
+    if "features" in takes:
+        features_type = type(takes["features"].default)
+        names = {f.name for f in dataclasses.fields(features_type)}
+        window = {"window": (opts.window_left, opts.window_right)} if "window" in names else {}
+        args["features"] = features_type(**{n: getattr(opts, n) for n in names if n in _FIELDS}, **window)
+        used |= names | ({"window_left", "window_right"} if window else set())
+    unused = [f.name for f in dataclasses.fields(AttentionOptions) if f.name not in used and _in_use(opts, f)]
     if unused:
         raise NotImplementedError(
             f"{OP}: fastvl.kernels.attention.attention_backward takes no {', '.join(map(repr, unused))}; "
             "the Triton backend's declared features and its kernel disagree"
         )
-    return {name: getattr(opts, name) for name in _FIELDS if name in takes}
+    return args
 
 
-def _in_use(value, default) -> bool:
-    if isinstance(value, torch.Tensor) or default is None:
+def _in_use(opts: AttentionOptions, field: dataclasses.Field) -> bool:
+    value = getattr(opts, field.name)
+    if isinstance(value, torch.Tensor) or field.default is None:
         return value is not None
-    return value != default
+    return value != field.default
 
 
 def qkvpacked_triton_backward(dout, qkv, out, lse, dlse, opts: AttentionOptions):
@@ -90,8 +96,10 @@ def qkvpacked_triton_backward(dout, qkv, out, lse, dlse, opts: AttentionOptions)
         lse = lse * LOG2E
     dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
     dq, dk, dv = _views(dqkv)
-    attention_backward(dout, *_views(qkv), out, lse, dlse=dlse, dq=dq, dk=dk, dv=dv, **kernel_arguments(opts))
-    return dqkv, _no_bias(qkv)
+    grads = attention_backward(
+        dout, *_views(qkv), out, lse, dlse=dlse, dq=dq, dk=dk, dv=dv, **kernel_arguments(opts)
+    )  # (dq, dk, dv), and dbias with a key bias
+    return dqkv, (grads[3] if len(grads) > 3 else _no_bias(qkv))
 
 
 def qkvpacked_reference_backward(dout, qkv, out, lse, dlse, opts: AttentionOptions):
