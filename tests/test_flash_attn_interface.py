@@ -175,7 +175,7 @@ _F32, _F16 = torch.float32, torch.float16
 CASES = [
     ("func", 113, 203, 32, "mha", True, False, 0.0, False, False, _F16),
     ("func", 108, 256, 59, "gqa", False, False, 0.0, True, False, _F16),
-    ("func", 113, 203, 128, "gqa", True, True, 0.0, False, False, _F32),
+    ("func", 113, 203, 128, "mqa", True, True, 0.0, False, False, _F32),
     ("func", 113, 211, 111, "mha", True, False, 0.0, True, True, _F32),
     ("func", 256, 512, 64, "mha", False, False, 50.0, False, False, _F32),
     ("func", 113, 203, 64, "gqa", False, False, 0.0, False, False, _F32),
@@ -341,6 +341,12 @@ def test_the_grid_runs_where_it_should():
     assert {k for k, b in ran if b == "sdpa"} >= {"func", "qkvpacked"}
 
 
+def _atol(ref: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """fp32: within 1e-5 of the tensor's scale (sums of a few hundred terms; the project's fp32 attention rule);
+    fp16/bf16: the per-dtype tolerance, or 2x PyTorch's error (flash-attn's rule)."""
+    return 1e-5 * max(1.0, ref.abs().max().item()) if dtype == torch.float32 else None
+
+
 def _check_lse(lse, ref_lse, cap):
     """LSE (fp32 whatever the inputs) within fp32's tolerance of the float64 one; +inf where no key is visible;
     NaN marks padded queries (varlen), which have no LSE."""
@@ -366,7 +372,7 @@ def test_flash_attn_output(case, backend, with_lse):
     common = dict(attn_bias=bias, causal=causal, window_size=window, softcap=cap)
     ref, ref_lse = attention_ref(*ref_leaves, qmask, kmask, upcast=False, **common)
     pt, _ = attention_ref(*pt_leaves, qmask, kmask, upcast=False, reorder_ops=True, **common)
-    assert_close(out, ref, dtype, torch_same_dtype=pt, name=f"out ({backend})")
+    assert_close(out, ref, dtype, torch_same_dtype=pt, atol=_atol(ref, dtype), name=f"out ({backend})")
     if with_lse:
         _check_lse(lse, ref_lse, cap)
     g = torch.randn(out.shape, dtype=torch.float64, device=DEV).to(dtype)
@@ -376,7 +382,7 @@ def test_flash_attn_output(case, backend, with_lse):
     ref_g = torch.autograd.grad(ref, ref_leaves, g.double())
     pt_g = torch.autograd.grad(pt, pt_leaves, g)
     for name, a, r, p in zip(("dq", "dk", "dv"), got, ref_g, pt_g):
-        assert_close(a, r, dtype, torch_same_dtype=p, name=f"{name} ({backend})")
+        assert_close(a, r, dtype, torch_same_dtype=p, atol=_atol(r, dtype), name=f"{name} ({backend})")
 
 
 @pytest.mark.gpu
