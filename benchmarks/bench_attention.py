@@ -210,6 +210,148 @@ def cases(quick: bool = False, sweep: bool = False):
             )
 
 
+# ---- score features and frame-block windows ------------------------------------------------------------
+# Key bias (ToMe's proportional attention), frame-local windows (w = 0, 1, 2, all frames) and divided space-time
+# attention (spatial_only then temporal_only, TimeSformer) at VATT-M (8 frames x 196 patches + CLS, 16 heads of
+# 64) and All-in-one-B's joint stream (40 text + 3 frames x 197, 12 heads of 64). Providers: ``eager`` (the
+# materialised mask / bias added to the S x S scores), ``sdpa-mask`` (SDPA with the materialised mask: it leaves
+# its flash kernels), ``flex`` (torch.compile'd FlexAttention with the equivalent mask_mod / score_mod and a block
+# mask; forward only on the CPU, where it has no backward) and fastvl (``fastvl-triton`` named on a GPU; ``fastvl``
+# auto, the reference on the CPU). FLOPs count the attended (query, key) pairs: a narrower window does less work.
+
+
+def frame_mask(S: int, text: int, F: int, window: int, temporal: bool, device) -> torch.Tensor:
+    """(S, S) bool, True = attend: text tokens see and are seen by all; video tokens within ``window`` frames
+    (-1: all) and, with ``temporal``, at the same spatial position."""
+    i = torch.arange(S, device=device)
+    r = (i - text).clamp_min(0)
+    near = torch.ones(S, S, dtype=torch.bool, device=device)
+    if window >= 0:
+        near = (r[:, None] // F - r[None, :] // F).abs() <= window
+    if temporal:
+        near = near & (r[:, None] % F == r[None, :] % F)
+    return (i[:, None] < text) | (i[None, :] < text) | near
+
+
+def frame_mask_mod(text: int, per_frame: int, window: int, temporal: bool):
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of :func:`frame_mask`."""
+
+    def mask_mod(b, h, qi, kj):
+        rq, rk = (qi - text).clamp(min=0), (kj - text).clamp(min=0)
+        near = ((rq // per_frame - rk // per_frame).abs() <= window) if window >= 0 else (qi >= 0)
+        if temporal:
+            near = near & (rq % per_frame == rk % per_frame)
+        return (qi < text) | (kj < text) | near
+
+    return mask_mod
+
+
+def _flex(mask_fn=None, bias=None):
+    """Compiled FlexAttention on (B, H, S, D) with a mask_mod (and its block mask) or a per-key bias score_mod."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False)
+    state = {}
+
+    def fn(q, k, v):
+        if mask_fn is not None:
+            if "bm" not in state:
+                S = q.shape[2]
+                state["bm"] = create_block_mask(mask_fn, None, None, S, S, device=q.device.type)
+            return compiled(q, k, v, block_mask=state["bm"])
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, kv_idx]
+
+        return compiled(q, k, v, score_mod=score_mod)
+
+    return fn
+
+
+def feature_points(quick: bool):
+    """(name, B, H, text, F, frames, D) joint video(-text) streams."""
+    if quick:
+        return [("quick VATT-like", 1, 2, 1, 16, 4, 32)]
+    return [("VATT-M", 8, 16, 1, 196, 8, 64), ("All-in-one-B joint", 32, 12, 40, 197, 3, 64)]
+
+
+def feature_settings(frames: int):
+    """(label, fastvl kwargs, (window, temporal) of the mask or None for the key bias); w in {0, 1, 2, all}."""
+    out = [("key_bias", {}, None)]
+    for w in (0, 1, 2):
+        if w < frames:
+            out.append((f"frame_window={w}", {"frame_window": w}, (w, False)))
+    out.append(("all frames", {}, (-1, False)))
+    out.append(("spatial_only", {"spatial_only": True}, (0, False)))
+    out.append(("temporal_only", {"temporal_only": True}, (-1, True)))
+    return out
+
+
+def feature_cases(quick: bool = False):
+    """Fwd and full (fwd + bwd) cases of every feature setting at every point; CPU timings on the CPU."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    esize = torch.finfo(dtype).bits // 8
+    for name, B, H, text, per_frame, frames, D in feature_points(quick):
+        S = text + per_frame * frames
+        base = [torch.randn(B, S, H, D, device=dev, dtype=dtype) for _ in range(3)]
+        for label, kw, mask_spec in feature_settings(frames):
+            if mask_spec is None:
+                bias = torch.randn(B, S, device=dev).abs().log1p()  # log(size)-like, fp32
+                kw = {"key_bias": bias}
+                add = bias[:, None, None, :].to(dtype)
+                pairs = B * S * S
+                flex = _flex(bias=bias)
+            else:
+                window, temporal = mask_spec
+                mask = frame_mask(S, text, per_frame, window, temporal, dev)
+                if label != "all frames":
+                    kw = dict(kw, frame_tokens=per_frame, text_tokens=text)
+                add = torch.zeros(S, S, device=dev, dtype=dtype).masked_fill(~mask, float("-inf"))
+                pairs = B * int(mask.sum())
+
+                mask_fn = frame_mask_mod(text, per_frame, window, temporal)
+                flex = _flex(mask_fn=mask_fn)
+            provs = {
+                "eager": (
+                    "bhsd",
+                    lambda q, k, v, _a=add: ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + _a).softmax(-1) @ v,
+                ),  # fmt: skip
+                "sdpa-mask": ("bhsd", lambda q, k, v, _a=add: sdpa_masked(q, k, v, _a)),
+                "fastvl": ("bshd", lambda q, k, v, _kw=kw: fastvl.ops.flash_attention(q, k, v, **_kw)),
+            }
+            if flex is not None:
+                provs["flex"] = ("bhsd", flex)
+            if dev == "cuda":
+                provs["fastvl-triton"] = (
+                    "bshd",
+                    lambda q, k, v, _kw=kw: fastvl.ops.flash_attention(q, k, v, backend="triton", **_kw),
+                )
+            per_mode: dict[str, dict] = {"fwd": {}, "full": {}}
+            for prov, (layout, fn) in provs.items():
+                ins = [t.detach().requires_grad_(True) for t in base]
+                if layout == "bhsd":
+                    ins = [t.detach().transpose(1, 2).requires_grad_(True) for t in base]
+                fwd, _bwd, full = _modes(fn, ins)
+                per_mode["fwd"][prov] = fwd
+                if not (prov == "flex" and dev == "cpu"):  # FlexAttention has no CPU backward
+                    per_mode["full"][prov] = full
+            fl = 4 * pairs * H * D
+            cfg = {"shape": name, "setting": label, "B": B, "H": H, "S": S, "D": D, "frames": frames,
+                   "attended_pairs": pairs, "dtype": str(dtype), "causal": False}  # fmt: skip
+            nbytes = B * S * H * D * esize
+            for mode, traffic, flops in (("fwd", 4, fl), ("full", 12, 7 * fl // 2)):
+                yield Case("flash_attention", mode, "setting", label, per_mode[mode], dict(cfg), traffic * nbytes,
+                           flops, bound="compute")  # fmt: skip
+
+
+def sdpa_masked(q, k, v, mask):
+    """SDPA with a materialised additive mask (it then runs its math / efficient kernels, not flash)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def flops_table(rows: list[dict]) -> str:
     """Markdown: per case and provider, time, TFLOP/s, % of peak, and the ratio to SDPA's flash backend."""
     lines = [
@@ -238,13 +380,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small fp32 shapes (CPU smoke run)")
     p.add_argument("--sweep", action="store_true", help="add the long-sequence sweep (512..16k)")
+    p.add_argument("--features", action="store_true", help="only the key-bias / frame-window / divided cases")
     p.add_argument("--out", default=None, help="JSON rows path (default on a GPU: results/<device>/attention.json)")
     args = p.parse_args(argv)
     env = environment()
     if env["device_kind"] == "cpu":
         print(f"CPU run on {env['device']}: these are CPU timings, not GPU figures")
     rows = []
-    for case in cases(args.quick, args.sweep):
+    todo = feature_cases(args.quick) if args.features else cases(args.quick, args.sweep)
+    for case in todo:
         new = run_case(case, env, memory=not args.quick, family=FAMILY)
         rows += new
         times = ", ".join(
@@ -252,7 +396,7 @@ def main(argv=None) -> int:
             for r in new
             if r["metric"] == "time_ms"
         )
-        print(f"  {case.config['shape']} {case.mode} S={case.x_value}: {times}")
+        print(f"  {case.config['shape']} {case.mode} {case.x_name}={case.x_value}: {times}")
         for prov, err in case.config.get("errors", {}).items():
             print(f"    {prov} failed: {err}")
     print(flops_table(rows))

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .utils import empty, on_tensor_device
+from .utils import device_of, empty, on_tensor_device
 
 LOG2E = 1.4426950408889634
 
@@ -142,6 +142,14 @@ def _tanh(x):
 
 
 @triton.jit
+def _dropout_keep(seed, drop_base, qi, kj, Sk, p_drop):
+    """Broadcast bool: attention dropout keeps (query ``qi``, key ``kj``) of the (sequence, head) whose first
+    logical row is ``drop_base`` (``(n * H + h) * Sq``): Philox at offset ``(drop_base + qi) * Sk + kj``, the same
+    draw in the forward and both backward kernels."""
+    return tl.rand(seed, (drop_base + qi) * Sk + kj) >= p_drop
+
+
+@triton.jit
 def _modify(s, qi, kj, bias, slope, diag, cap2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The score features on base-2 scores ``s = scale * log2(e) * q.k`` (``qi``, ``kj`` broadcastable row / key
     indices, ``bias`` broadcastable, all in base 2): softcap ``cap2 * tanh(s / cap2)`` (``cap2 = softcap *
@@ -218,9 +226,10 @@ def _span(m0, m_len, n_len, diag, left, right, n_text, f_len, f_win, BLOCK: tl.c
 def _fwd_block(
     acc, l_i, m_i, q, K, V, KPM, BIAS, SHIFT, n, T, k0, len_k, start_n, offs_m, offs_m_diag, offs_d,
     skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
+    seed, p_drop, drop_base, Sk,
     MASKED: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    FRAMES: tl.constexpr, TEMPORAL: tl.constexpr,
+    FRAMES: tl.constexpr, TEMPORAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax. MASKED: the block may hold keys past the end or, with CAUSAL,
@@ -253,6 +262,9 @@ def _fwd_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = _load_tile(V, _rows(nb, k0, offs_n, svn, svs), offs_d, svd, n_mask, MASKED, HEAD_DIM)
+    if DROPOUT:  # the normaliser l_i sums the undropped weights; the values see the kept ones, scaled
+        kept = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], Sk, p_drop)
+        p = tl.where(kept, p / (1.0 - p_drop), 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -265,11 +277,11 @@ def _attn_fwd(
     Q, K, V, O, LSE, KPM, SHIFT, CU_Q, CU_K, BIAS, ALIBI_S,
     sqn, sqs, sqh, sqd, skn, sks, skh, skd, svn, svs, svh, svd, son, sos, soh, sod, smn, sms, slh,
     sbn, sbh, sbs, san, sah,
-    H, T, Sq, Sk, qk_scale, GROUP, cap2, left, right, n_text, f_len, f_win,
+    H, T, Sq, Sk, qk_scale, GROUP, cap2, left, right, n_text, f_len, f_win, seed, p_drop,
     S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr, FRAMES: tl.constexpr, TEMPORAL: tl.constexpr,
+    WINDOW: tl.constexpr, FRAMES: tl.constexpr, TEMPORAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     n, h, q0, len_q, k0, len_k, lrow0 = _sequence(H, CU_Q, CU_K, Sq, Sk, VARLEN)
@@ -285,6 +297,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hk = (h // GROUP).to(tl.int64)  # GQA: this head's k/v head
+    drop_base = (n * H + h).to(tl.int64) * Sq
     K_h = K + hk * skh
     V_h = V + hk * svh
     B_h = BIAS + h.to(tl.int64) * sbh
@@ -300,14 +313,16 @@ def _attn_fwd(
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, offs_m_diag, offs_d,
                     skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
-                    True, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL,
+                    seed, p_drop, drop_base, Sk,
+                    True, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, DROPOUT,
                     BLOCK_N, HEAD_DIM, PRECISION,
                 )  # fmt: skip
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, offs_m_diag, offs_d,
                 skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
-                True, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL,
+                seed, p_drop, drop_base, Sk,
+                True, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, DROPOUT,
                 BLOCK_N, HEAD_DIM, PRECISION,
             )  # fmt: skip
     else:
@@ -324,14 +339,16 @@ def _attn_fwd(
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, offs_m_diag, offs_d,
                 skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
-                False, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL,
+                seed, p_drop, drop_base, Sk,
+                False, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, DROPOUT,
                 BLOCK_N, HEAD_DIM, PRECISION,
             )  # fmt: skip
         for start_n in range(full, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, offs_m_diag, offs_d,
                 skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
-                True, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL,
+                seed, p_drop, drop_base, Sk,
+                True, ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, DROPOUT,
                 BLOCK_N, HEAD_DIM, PRECISION,
             )  # fmt: skip
     empty_row = l_i == 0.0  # no visible key: output 0, LSE +inf (so the backward sees p = 0)
@@ -389,9 +406,11 @@ def _attn_bwd_dq_cast(
 def _bwd_kv_block(
     dk, dv, dbias, k, v, key_ok, bias, Q_h, DO_h, DQ_h, L_h, D_h, SHIFT, n, T, q0, len_q, start_m, offs_n, offs_d,
     sqn, sqs, sqd, sdon, sdos, sdod, san, sas, sad, qk_scale, sm_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
+    seed, p_drop, drop_base, Sk,
     ROLL: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, FRAMES: tl.constexpr,
-    TEMPORAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    TEMPORAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One query block's share of dK, dV (and dQ, the key bias's gradient) for a block of keys."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -413,8 +432,13 @@ def _bwd_kv_block(
         keep = keep & _window_visible(offs_m[None, :], offs_n[:, None], diag, left, right, n_text, f_len, f_win, WINDOW, FRAMES,
                                       TEMPORAL)  # fmt: skip
     pt = tl.where(keep, pt, 0.0)
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:  # dV sees the kept weights, dP the kept entries (both scaled); dS = P (dP - delta)
+        kept = _dropout_keep(seed, drop_base, offs_m[None, :], offs_n[:, None], Sk, p_drop)
+        dv = tl.dot(tl.where(kept, pt / (1.0 - p_drop), 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.where(kept, tl.dot(v, tl.trans(do), input_precision=PRECISION) / (1.0 - p_drop), 0.0)
+    else:
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dst = pt * (dpt - delta[None, :])
     if HAS_BIAS:
         dbias += tl.sum(dst, 1)
@@ -435,11 +459,11 @@ def _attn_bwd_kv(
     sqn, sqs, sqh, sqd, skn, sks, skh, skd, svn, svs, svh, svd, sdon, sdos, sdoh, sdod,
     sdkn, sdks, sdkh, sdkd, sdvn, sdvs, sdvh, sdvd, san, sas, sah, sad, smn, sms, slh,
     sbn, sbh, sbs, sgn, sgh, sal_n, sal_h,
-    H, T, Sq, Sk, qk_scale, sm_scale, GROUP, cap2, left, right, n_text, f_len, f_win,
+    H, T, Sq, Sk, qk_scale, sm_scale, GROUP, cap2, left, right, n_text, f_len, f_win, seed, p_drop,
     S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr, FRAMES: tl.constexpr, TEMPORAL: tl.constexpr,
+    WINDOW: tl.constexpr, FRAMES: tl.constexpr, TEMPORAL: tl.constexpr, DROPOUT: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -476,6 +500,7 @@ def _attn_bwd_kv(
     DQ_h = DQ_ACC + hh * sah
     L_h = LSE + hh * slh + lrow0
     D_h = DELTA + hh * slh + lrow0
+    drop_base = (n * H + h).to(tl.int64) * Sq
     dbias = tl.zeros([BLOCK_N], tl.float32)
     bias = 0.0
     if HAS_BIAS:
@@ -488,15 +513,15 @@ def _attn_bwd_kv(
             dk, dv, dbias = _bwd_kv_block(
                 dk, dv, dbias, k, v, key_ok, bias, Q_h, DO_h, DQ_h, L_h, D_h, SHIFT, n, T, q0, len_q, start_m, offs_n,
                 offs_d, sqn, sqs, sqd, sdon, sdos, sdod, san, sas, sad, qk_scale, sm_scale, slope, cap2, diag, left,
-                right, n_text, f_len, f_win, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES,
-                TEMPORAL, BLOCK_M, HEAD_DIM, PRECISION,
+                right, n_text, f_len, f_win, seed, p_drop, drop_base, Sk, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES,
+                TEMPORAL, DROPOUT, BLOCK_M, HEAD_DIM, PRECISION,
             )  # fmt: skip
     for start_m in range(lo, hi, BLOCK_M):
         dk, dv, dbias = _bwd_kv_block(
             dk, dv, dbias, k, v, key_ok, bias, Q_h, DO_h, DQ_h, L_h, D_h, SHIFT, n, T, q0, len_q, start_m, offs_n,
             offs_d, sqn, sqs, sqd, sdon, sdos, sdod, san, sas, sad, qk_scale, sm_scale, slope, cap2, diag, left,
-            right, n_text, f_len, f_win, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES,
-            TEMPORAL, BLOCK_M, HEAD_DIM, PRECISION,
+            right, n_text, f_len, f_win, seed, p_drop, drop_base, Sk, ROLL, CAUSAL, ATOMIC_DQ, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES,
+            TEMPORAL, DROPOUT, BLOCK_M, HEAD_DIM, PRECISION,
         )  # fmt: skip
     if HAS_BIAS:
         tl.store(DBIAS + nb_k * sgn + hh * sgh + (k0 + offs_n).to(tl.int64), dbias, mask=n_mask)
@@ -509,9 +534,11 @@ def _attn_bwd_kv(
 def _bwd_q_block(
     dq, q, do, lse, delta, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, m_mask, offs_d,
     skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
+    seed, p_drop, drop_base, Sk,
     ROLL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, FRAMES: tl.constexpr,
-    TEMPORAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    TEMPORAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key block's share of dQ (the deterministic backward)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -535,6 +562,9 @@ def _bwd_q_block(
                                       TEMPORAL)  # fmt: skip
     p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        kept = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], Sk, p_drop)
+        dp = tl.where(kept, dp / (1.0 - p_drop), 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -546,11 +576,11 @@ def _attn_bwd_q(
     Q, K, V, DO, DQ, LSE, DELTA, KPM, SHIFT, CU_Q, CU_K, BIAS, ALIBI_S,
     sqn, sqs, sqh, sqd, skn, sks, skh, skd, svn, svs, svh, svd, sdon, sdos, sdoh, sdod,
     sdqn, sdqs, sdqh, sdqd, smn, sms, slh, sbn, sbh, sbs, sal_n, sal_h,
-    H, T, Sq, Sk, qk_scale, sm_scale, GROUP, cap2, left, right, n_text, f_len, f_win,
+    H, T, Sq, Sk, qk_scale, sm_scale, GROUP, cap2, left, right, n_text, f_len, f_win, seed, p_drop,
     S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, ROLL: tl.constexpr, HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr, FRAMES: tl.constexpr, TEMPORAL: tl.constexpr,
+    WINDOW: tl.constexpr, FRAMES: tl.constexpr, TEMPORAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ of one block of queries, looping over the visible key blocks (the deterministic backward)."""
@@ -582,6 +612,7 @@ def _attn_bwd_q(
     K_h = K + hk * skh
     V_h = V + hk * svh
     B_h = BIAS + hh * sbh
+    drop_base = (n * H + h).to(tl.int64) * Sq
     slope = 0.0
     if ALIBI:
         slope = tl.load(ALIBI_S + n * sal_n + h * sal_h) * 1.4426950408889634
@@ -590,13 +621,15 @@ def _attn_bwd_q(
             dq = _bwd_q_block(
                 dq, q, do, lse, delta, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, m_mask, offs_d,
                 skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
-                ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, BLOCK_N, HEAD_DIM, PRECISION,
+                seed, p_drop, drop_base, Sk,
+                ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, DROPOUT, BLOCK_N, HEAD_DIM, PRECISION,
             )  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         dq = _bwd_q_block(
             dq, q, do, lse, delta, K_h, V_h, KPM, B_h, SHIFT, n, T, k0, len_k, start_n, offs_m, m_mask, offs_d,
             skn, sks, skd, svn, svs, svd, smn, sms, sbn, sbs, qk_scale, slope, cap2, diag, left, right, n_text, f_len, f_win,
-            ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, BLOCK_N, HEAD_DIM, PRECISION,
+            seed, p_drop, drop_base, Sk,
+            ROLL, HAS_KPM, CAUSAL, HAS_BIAS, SOFTCAP, ALIBI, WINDOW, FRAMES, TEMPORAL, DROPOUT, BLOCK_N, HEAD_DIM, PRECISION,
         )  # fmt: skip
     _store_tile(DQ + hh * sdqh, _rows(nb_q, q0, offs_m, sdqn, sdqs), offs_d, sdqd, m_mask, dq * sm_scale, HEAD_DIM)
 
@@ -706,7 +739,8 @@ def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         dtype = named_args["Q"].dtype
         bd = kwargs["BLOCK_D"]
-        gather = any(kwargs[f] for f in ("ROLL", "HAS_KPM", "HAS_BIAS", "SOFTCAP", "ALIBI", "WINDOW", "FRAMES"))
+        features = ("ROLL", "HAS_KPM", "HAS_BIAS", "SOFTCAP", "ALIBI", "WINDOW", "FRAMES", "DROPOUT")
+        gather = any(kwargs[f] for f in features)
         cands = [_config(t) for t in _TILES[(kernel, _dot_class(dtype, kwargs["PRECISION"]), bd, gather)]]
         fit = [c for c in cands if smem_estimate(kernel, c, bd, dtype.itemsize) <= SMEM_LIMIT]
         return fit or cands[-1:]
@@ -821,7 +855,7 @@ class _Launch:
         W = f.frame_window if f.frame_window >= 0 else self.Sk // F + 1
         self.extra = (
             self.group, float(f.softcap) * LOG2E, left if left >= 0 else unbounded,
-            right if right >= 0 else unbounded, f.text_tokens, F, W,
+            right if right >= 0 else unbounded, f.text_tokens, F, W, int(f.seed), float(f.dropout_p),
         )  # fmt: skip
         self.flags = {
             "HEAD_DIM": self.D,
@@ -835,6 +869,7 @@ class _Launch:
             "WINDOW": left >= 0 or right >= 0,
             "FRAMES": frames,
             "TEMPORAL": frames and f.temporal,
+            "DROPOUT": f.dropout_p > 0,
             "BLOCK_D": self.block_d,
             "PRECISION": _precision(q.dtype),
         }
@@ -849,8 +884,9 @@ class Features:
     ``softcap > 0``: ``softcap * tanh(s / softcap)``; ``alibi_slopes`` fp32 ``(Na, H)``, Na in {1, N}:
     ``- slope * |i + Sk - Sq - j|``; ``frame_tokens > 0``: frame blocks (``text_tokens`` leading tokens see and
     are seen by all; video tokens see the frames within ``frame_window`` of their own, -1 = all; ``temporal``:
-    the same spatial position only). k, v may have ``H_k`` heads dividing H (GQA). With a window or frame
-    blocks only the key blocks inside it are visited."""
+    the same spatial position only); ``dropout_p > 0``: attention dropout drawn by Philox from ``seed`` at each
+    (sequence, head, query, key) (:func:`dropout_mask` returns it), regenerated in the backward. k, v may have
+    ``H_k`` heads dividing H (GQA). With a window or frame blocks only the key blocks inside it are visited."""
 
     key_bias: torch.Tensor | None = None
     window: tuple[int, int] = (-1, -1)
@@ -860,6 +896,8 @@ class Features:
     frame_window: int = -1
     text_tokens: int = 0
     temporal: bool = False
+    dropout_p: float = 0.0
+    seed: int = 0
 
 
 @on_tensor_device
@@ -1111,6 +1149,31 @@ def attention_rows_forward(
     return out
 
 
+# ---- the dropout mask, for tests ---------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, p_drop, H, Sq, Sk, BLOCK: tl.constexpr):
+    """OUT[n, h, i, j] (uint8) = the keep decision of :func:`_dropout_keep` (one program per (n * H + h, i))."""
+    nh = tl.program_id(0)
+    i = tl.program_id(1)
+    base = nh.to(tl.int64) * Sq
+    for j0 in range(0, Sk, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, base, i, j, Sk, p_drop)
+        tl.store(OUT + (base + i) * Sk + j, keep.to(tl.uint8), mask=j < Sk)
+
+
+def dropout_mask(seed: int, dropout_p: float, N: int, H: int, Sq: int, Sk: int, device) -> torch.Tensor:
+    """``(N, H, Sq, Sk)`` bool: the keep mask the kernels draw for ``seed`` and ``dropout_p`` (dense layout; for
+    varlen, sequence b's entries are ``[b, :, :len_q, :len_k]`` with ``Sq, Sk = max_seqlen_q, max_seqlen_k``)."""
+    out = torch.empty((N, H, Sq, Sk), dtype=torch.uint8, device=device)
+    if out.numel():
+        with device_of(out):
+            _dropout_mask_kernel[(N * H, Sq)](out, int(seed), float(dropout_p), H, Sq, Sk, BLOCK=64)
+    return out.bool()
+
+
 __all__ = [
     "LOG2E",
     "SMEM_LIMIT",
@@ -1118,6 +1181,7 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "attention_rows_forward",
+    "dropout_mask",
     "gpu_configs",
     "smem_estimate",
     "tilings",

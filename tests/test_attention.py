@@ -1453,3 +1453,140 @@ def test_bad_gqa_and_rows_arguments():
         fastvl.ops.attention_rows(q, k, torch.zeros(2, 4, 3, dtype=torch.float16))
     with pytest.raises(ValueError, match="'k' must have H_k heads dividing"):
         fastvl.ops.attention_rows(q, _q(2, 9, 3, 16), torch.zeros(2, 4, 3))
+
+
+def test_benchmark_masks_are_the_op_semantics():
+    # the feature benchmark's eager / SDPA / FlexAttention providers compute what fastvl's frame blocks compute
+    from benchmarks.bench_attention import frame_mask, frame_mask_mod
+
+    text, F, frames, H, D = 3, 5, 4, 2, 16
+    S = text + F * frames
+    q, k, v = (randn(2, S, H, D, dtype=torch.float64, device="cpu") for _ in range(3))
+    for window, temporal, kw in ((0, False, dict(spatial_only=True)), (1, False, dict(frame_window=1)),
+                                 (-1, True, dict(temporal_only=True))):  # fmt: skip
+        mask = frame_mask(S, text, F, window, temporal, "cpu")
+        assert torch.equal(mask, _frame_mask(S, F, window, text, temporal))
+        i = torch.arange(S)
+        assert torch.equal(frame_mask_mod(text, F, window, temporal)(0, 0, i[:, None], i[None, :]), mask)
+        exp = sdpa_bhsd(q, k, v, mask)
+        got = fastvl.ops.flash_attention(q, k, v, frame_tokens=F, text_tokens=text, backend="reference", **kw)
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+
+
+def sdpa_bhsd(q, k, v, mask):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask).transpose(1, 2)  # fmt: skip
+
+
+# ---- dropout in the kernel: Philox from a seed, regenerated in the backward ----------------------------
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_kernel_dropout_matches_reference_with_its_mask(dtype, deterministic, varlen):
+    # the kernel's keep mask (dropout_mask: the same Philox draw) fed to the textbook attention gives the kernel's
+    # output and gradients; the fraction kept is 1 - p
+    A = _kernels()
+    p, seed, H, Hk, D = 0.3, 1234, 2, 1, 32
+    if varlen:
+        lens = [37, 0, 70]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        q = randn(sum(lens), H, D, dtype=torch.float64).to(dtype)
+        k, v = (randn(sum(lens), Hk, D, dtype=torch.float64).to(dtype) for _ in range(2))
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens), causal=True)
+        keep = A.dropout_mask(seed, p, len(lens), H, max(lens), max(lens), DEV)
+    else:
+        N, S = 2, 83
+        q = randn(N, S, H, D, dtype=torch.float64).to(dtype)
+        k, v = (randn(N, S, Hk, D, dtype=torch.float64).to(dtype) for _ in range(2))
+        kpm = torch.rand(N, S, device=DEV) < 0.2
+        kw = dict(key_padding_mask=kpm)
+        keep = A.dropout_mask(seed, p, N, H, S, S, DEV)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.03
+    feats = A.Features(dropout_p=p, seed=seed)
+    out, lse = A.attention_forward(q, k, v, scale=D**-0.5, features=feats, **kw)
+    dout = randn(*out.shape, dtype=torch.float64).to(dtype)
+    grads = A.attention_backward(dout, q, k, v, out, lse, scale=D**-0.5, features=feats, deterministic=deterministic,
+                                 **kw)  # fmt: skip
+
+    def oracle(cast):
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+        if varlen:
+            outs = []
+            for b in range(len(lens)):
+                r = slice(int(cu[b]), int(cu[b + 1]))
+                n = r.stop - r.start
+                o, _ = naive_full(leaves[0][r][None], leaves[1][r][None], leaves[2][r][None], D**-0.5, causal=True,
+                                  keep=keep[b : b + 1, :, :n, :n].to(cast), p=p)  # fmt: skip
+                outs.append(o[0])
+            o = torch.cat(outs)
+        else:
+            o, _ = naive_full(*leaves, D**-0.5, kpm=kpm, keep=keep.to(cast), p=p)
+        return o.detach(), torch.autograd.grad(o, leaves, dout.to(cast))
+
+    (ref, ref_g), (same, same_g) = oracle(torch.float64), oracle(dtype)
+    for n, got, r, sm in zip(["out", "dq", "dk", "dv"], (out, *grads), (ref, *ref_g), (same, *same_g)):
+        atol = 1e-5 * max(1.0, r.abs().max().item()) if dtype == torch.float32 else None
+        assert_close(got, r, dtype, torch_same_dtype=sm, atol=atol, name=n)
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+def test_op_dropout_seeded_by_generator_and_deterministic():
+    q, k, v = (randn(2, 41, 2, 32).requires_grad_(True) for _ in range(3))
+    g = randn(2, 41, 2, 32)
+    runs = []
+    for seed in (7, 7, 8):
+        gen = torch.Generator(device=DEV).manual_seed(seed)
+        out = fastvl.ops.flash_attention(q, k, v, 0.25, generator=gen, deterministic=True, backend="triton")
+        runs.append((out, torch.autograd.grad(out, (q, k, v), g)))
+    assert torch.equal(runs[0][0], runs[1][0]) and not torch.allclose(runs[0][0], runs[2][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)  # the backward regenerates the same mask; deterministic: bitwise
+    plain = fastvl.ops.flash_attention(q, k, v, backend="triton")
+    assert not torch.allclose(runs[0][0], plain)
+
+
+# ---- windows skip whole tiles: NaN planted in tiles outside every window never reaches the outputs ------------
+
+
+@pytest.mark.skipif(not KERNELS, reason="no Triton backend here")
+@pytest.mark.parametrize(
+    "S,features,poisoned,clean",
+    [
+        # frames of 64 tokens (one 64-row tile each), one frame's q/k/v poisoned; "clean": the rows whose outputs
+        # and gradients cannot depend on it (a gradient reaches two windows away: through the queries' LSE / delta)
+        (256, dict(frame_tokens=64, spatial_only=True), slice(128, 192), [slice(0, 128), slice(192, 256)]),
+        (384, dict(frame_tokens=64, frame_window=1), slice(320, 384), [slice(0, 192)]),
+        # a sliding window of 10 either side: the last tile is 128+ keys away from the first
+        (256, dict(window_size=(10, 10)), slice(192, 256), [slice(0, 64)]),
+    ],
+)
+def test_tiles_outside_the_window_are_not_visited(S, features, poisoned, clean):
+    # were a tile outside the window loaded and masked, 0 * NaN in its P @ V (or dS @ K, dS^T @ Q) would poison
+    # the outputs; it is skipped by the loop bounds, so every output outside the poisoned tile's window is finite
+    from fastvl.kernels.attention import Features
+
+    A = _kernels()
+    H, D = 1, 16
+    q, k, v = (randn(1, S, H, D) for _ in range(3))
+    for t in (q, k, v):
+        t[:, poisoned] = float("nan")
+    f = dict(features)
+    window = f.pop("window_size", (-1, -1))
+    feats = Features(window=window, frame_tokens=f.get("frame_tokens", 0),
+                     frame_window=0 if f.get("spatial_only") else f.get("frame_window", -1))  # fmt: skip
+    out, lse = A.attention_forward(q, k, v, scale=0.25, features=feats)
+    dout = torch.ones_like(out)
+    for det in (False, True):
+        dq, dk, dv = A.attention_backward(dout, q, k, v, out, lse, scale=0.25, features=feats, deterministic=det)
+        for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+            for rows in clean:
+                assert torch.isfinite(t[:, rows]).all(), (name, rows, det)
+        assert torch.isnan(out[:, poisoned]).all()  # the poisoned tile itself is read by its own window
+    # outside the poisoned tile's window the outputs do not depend on it: the reference on zeros there agrees
+    zeroed = [torch.nan_to_num(t, nan=0.0) for t in (q, k, v)]
+    ref = fastvl.ops.flash_attention(*zeroed, softmax_scale=0.25, backend="reference", **features)
+    for rows in clean:
+        torch.testing.assert_close(out[:, rows], ref[:, rows], rtol=1e-5, atol=1e-6)

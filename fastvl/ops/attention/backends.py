@@ -61,10 +61,7 @@ LN2 = math.log(2.0)
 
 # ---- fastvl's kernel ---------------------------------------------------------------------------
 
-# what fastvl's Triton kernels serve; the rest of FEATURES with the reason
-TRITON_FEATURES = FEATURES - {"dropout", "generator"}
-_TRITON_TODO = "{f}: fastvl's Triton kernel does not implement it yet (the reference does)"
-TRITON_NOTES = {f: _TRITON_TODO.format(f=f) for f in FEATURES - TRITON_FEATURES}
+TRITON_FEATURES = FEATURES  # what fastvl's Triton kernels serve: every feature of the reference
 
 
 def _kernel_args(opts: AttentionOptions) -> dict:
@@ -73,7 +70,7 @@ def _kernel_args(opts: AttentionOptions) -> dict:
     features = Features(
         key_bias=opts.key_bias, window=(opts.window_left, opts.window_right), softcap=opts.softcap,
         alibi_slopes=opts.alibi_slopes, frame_tokens=opts.frame_tokens, frame_window=opts.frame_window,
-        text_tokens=opts.text_tokens, temporal=opts.temporal,
+        text_tokens=opts.text_tokens, temporal=opts.temporal, dropout_p=opts.dropout_p, seed=opts.dropout_seed,
     )  # fmt: skip
     return {
         "scale": opts.scale,
@@ -91,7 +88,7 @@ def _kernel_args(opts: AttentionOptions) -> dict:
 
 def attention_triton(q, k, v, opts: AttentionOptions):
     """FA2-style flash attention: key padding, varlen, roll offsets, GQA, key bias, windows and frame blocks that
-    skip the tiles outside them, softcap, ALiBi, deterministic backward."""
+    skip the tiles outside them, softcap, ALiBi, Philox dropout, deterministic backward."""
     from fastvl.kernels.attention import attention_forward
 
     out, lse = attention_forward(q, k, v, **_kernel_args(opts))
@@ -250,7 +247,6 @@ TRITON = triton_kernel(
         Limit("NH", "N*H", 65535, why="the launch grid's second dimension"),
     ),
     features=TRITON_FEATURES,
-    notes=TRITON_NOTES,
 )
 _SDPA_NOTES = {
     "varlen": "varlen: torch SDPA has no cu_seqlens interface",
