@@ -726,3 +726,26 @@ def test_packed_triton_backward_refuses_options_its_kernel_does_not_take(monkeyp
         kernel_arguments(opts)
     assert kernel_arguments(AttentionOptions(scale=0.5, causal=True)) == {"scale": 0.5, "causal": True,
                                                                          "deterministic": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends("triton"))
+def test_packed_dropout_and_features_equal_the_unpacked_op(backend):
+    """The packed op is flash_attention on the three views: the same dropout draw (seeded from torch's default
+    generator the same way), window, softcap, ALiBi, key bias and LSE give the same output, LSE and gradients
+    (d(qkv) = [dq, dk, dv]), and the key bias gets its gradient."""
+    N, S, H, D = 2, 29, 2, 16
+    qkv = torch.randn(N, S, 3, H, D, device=DEV)
+    bias = torch.randn(N, S, device=DEV)
+    kw = dict(window_size=(7, 3), softcap=4.0, alibi_slopes=torch.rand(H, device=DEV), return_lse=True)
+    grads = []
+    for packed in (True, False):
+        leaf, b = qkv.clone().requires_grad_(), bias.clone().requires_grad_()
+        torch.manual_seed(11)
+        if packed:
+            out, lse = fastvl.ops.flash_attention_qkvpacked(leaf, 0.25, key_bias=b, backend=backend, **kw)
+        else:
+            out, lse = fastvl.ops.flash_attention(*leaf.unbind(2), 0.25, key_bias=b, backend=backend, **kw)
+        (out.square().sum() + lse.sum()).backward()
+        grads.append((out, lse, leaf.grad, b.grad))
+    for name, a, b in zip(("out", "lse", "d(qkv)", "d(key_bias)"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

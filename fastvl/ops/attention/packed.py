@@ -55,11 +55,18 @@ def _no_bias(qkv: torch.Tensor) -> torch.Tensor:
 # ---- backends: the forward is flash_attention's on the views; the backwards return (d(qkv), dbias) ----------
 
 
+# Features fields named otherwise than the options they come from: field -> (value, the options it consumes)
+_FEATURE_RENAMES = {
+    "window": (lambda o: (o.window_left, o.window_right), ("window_left", "window_right")),
+    "seed": (lambda o: o.dropout_seed, ("dropout_seed",)),
+}
+
+
 def kernel_arguments(opts: AttentionOptions) -> dict:
     """The keyword arguments of ``fastvl.kernels.attention.attention_backward`` for ``opts``: the options named
-    like its keywords, and its ``features`` (a ``Features``) from the options named like Features' fields
-    (``window`` from ``window_left/right``). An option in use that neither takes raises (never a silently
-    different backward); ``return_lse`` is handled by the caller, on the host."""
+    like its keywords, and its ``features`` (a ``Features``) from the options named like Features' fields and
+    :data:`_FEATURE_RENAMES`. An option in use that neither takes raises (never a silently different backward);
+    ``return_lse`` is handled by the caller, on the host."""
     from fastvl.kernels.attention import attention_backward
 
     takes = inspect.signature(attention_backward).parameters
@@ -68,9 +75,11 @@ def kernel_arguments(opts: AttentionOptions) -> dict:
     if "features" in takes:
         features_type = type(takes["features"].default)
         names = {f.name for f in dataclasses.fields(features_type)}
-        window = {"window": (opts.window_left, opts.window_right)} if "window" in names else {}
-        args["features"] = features_type(**{n: getattr(opts, n) for n in names if n in _FIELDS}, **window)
-        used |= names | ({"window_left", "window_right"} if window else set())
+        renamed = {n: (get(opts), fields) for n, (get, fields) in _FEATURE_RENAMES.items() if n in names}
+        args["features"] = features_type(
+            **{n: getattr(opts, n) for n in names if n in _FIELDS}, **{n: v for n, (v, _) in renamed.items()}
+        )
+        used |= names | {f for _, fields in renamed.values() for f in fields}
     unused = [f.name for f in dataclasses.fields(AttentionOptions) if f.name not in used and _in_use(opts, f)]
     if unused:
         raise NotImplementedError(
