@@ -20,10 +20,10 @@ functions run :func:`fastvl.ops.flash_attention_qkvpacked`, whose backward write
 flash-attn's; the kv-packed ones split kv into views (their d(kv) is assembled by autograd).
 
 Differences from flash-attn 2: any head dim (fastvl's Triton kernel up to 128, the reference beyond), fp32 as
-well as fp16/bf16, CPU tensors (the reference and torch SDPA); the dropout pattern is fastvl's (Philox, same
-keep probability), not bitwise flash-attn's; ``block_table`` (paged KV cache) and ``flash_attn_with_kvcache``
-are not provided; the padded fastvl API's ``key_padding_mask`` + ``causal`` aligns differently from
-flash-attn's unpad-then-varlen (see docs/attention.md).
+well as fp16/bf16, CPU tensors (the reference and torch SDPA); the dropout pattern is the chosen backend's (same
+keep probability and scaling), not bitwise flash-attn's; ``block_table`` (paged KV cache) and
+``flash_attn_with_kvcache`` are not provided; the padded fastvl API's ``key_padding_mask`` + ``causal`` aligns
+differently from flash-attn's unpad-then-varlen (see docs/attention.md).
 """
 
 from __future__ import annotations
