@@ -36,7 +36,7 @@ except ImportError:  # run as a script
 
 FAMILY = "attention"
 # every case op (the suite skips this family for selections naming none)
-OPS = ("flash_attention", "flash_attention_qkvpacked")
+OPS = ("flash_attention", "attention_rows", "flash_attention_qkvpacked")
 
 
 def eager_attention(q, k, v, causal=False, kpm=None):
@@ -211,6 +211,7 @@ def cases(quick: bool = False, sweep: bool = False):
                 flops,
                 bound="compute",
             )
+    yield from rows_cases(quick)
     yield from packed_cases(quick)  # the qkv-packed op (benchmarks/attention_packed.py)
 
 
@@ -335,9 +336,10 @@ def feature_cases(quick: bool = False):
                 )
             per_mode: dict[str, dict] = {"fwd": {}, "full": {}}
             for prov, (layout, fn) in provs.items():
-                ins = [t.detach().requires_grad_(True) for t in base]
+                grad = not (prov == "flex" and dev == "cpu")  # FlexAttention refuses CPU inputs needing grad
+                ins = [t.detach().requires_grad_(grad) for t in base]
                 if layout == "bhsd":
-                    ins = [t.detach().transpose(1, 2).requires_grad_(True) for t in base]
+                    ins = [t.detach().transpose(1, 2).requires_grad_(grad) for t in base]
                 fwd, _bwd, full = _modes(fn, ins)
                 per_mode["fwd"][prov] = fwd
                 if not (prov == "flex" and dev == "cpu"):  # FlexAttention has no CPU backward
@@ -356,6 +358,27 @@ def sdpa_masked(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def rows_cases(quick: bool = False):
+    """attention_rows: the CLS row's softmax over every key from the forward's LSE (SMAUG scoring) against the
+    eager way, the full S x S attention map then the row; forward only (selection takes no gradient)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    B, H, S, D, R = (2, 2, 65, 32, 1) if quick else (8, 16, 1569, 64, 1)
+    q, k = (torch.randn(B, S, H, D, device=dev, dtype=dtype) for _ in range(2))
+    _, lse = fastvl.ops.flash_attention(q, k, k, return_lse=True)
+    lse_rows = lse[:, :, :R].float().contiguous()
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    provs = {
+        "eager": lambda: ((qh * D**-0.5) @ kh.transpose(-2, -1)).float().softmax(-1)[:, :, :R],
+        "fastvl": lambda: fastvl.ops.attention_rows(q[:, :R], k, lse_rows),
+    }
+    cfg = {"shape": "VATT-M CLS rows" if not quick else "quick rows", "B": B, "H": H, "S": S, "D": D, "R": R,
+           "dtype": str(dtype), "causal": False}  # fmt: skip
+    esize = torch.finfo(dtype).bits // 8
+    yield Case("attention_rows", "fwd", "S", S, provs, cfg, B * S * H * D * esize + B * H * R * S * 4,
+               2 * B * H * R * S * D, covers=("attention_rows",), bound="compute")  # fmt: skip
+
+
 def flops_table(rows: list[dict]) -> str:
     """Markdown: per case and provider, time, TFLOP/s, % of peak, and the ratio to SDPA's flash backend."""
     lines = [
@@ -366,7 +389,8 @@ def flops_table(rows: list[dict]) -> str:
     for r in rows:
         if r["metric"] == "time_ms":
             c = r["config"]
-            by_case.setdefault((c["shape"], r["mode"], c["S"], c["D"], c["causal"]), {})[r["provider"]] = r
+            key = (c["shape"] + (f" {c['setting']}" if "setting" in c else ""), r["mode"], c["S"], c["D"], c["causal"])
+            by_case.setdefault(key, {})[r["provider"]] = r
     for (shape, mode, S, _d, _causal), provs in by_case.items():
         ref = provs.get("sdpa-flash")
         for prov, r in provs.items():

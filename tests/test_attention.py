@@ -1029,6 +1029,10 @@ def test_cpu_sdpa_matches_reference(dtype, causal, padded, offsets):
 def _frame_mask(S, F, w, text, temporal):
     """(S, S) bool by explicit loops: text tokens see / are seen by all; video i, j: |frame| <= w (w < 0: any)
     and, with temporal, the same spatial position."""
+    if S > 128:  # long sequences (GPU tests): the vectorised mask, equal to the loops below (a test checks)
+        from benchmarks.bench_attention import frame_mask
+
+        return frame_mask(S, text, F, w, temporal, "cpu")
     m = torch.zeros(S, S, dtype=torch.bool)
     for a in range(S):
         for b in range(S):
@@ -1590,3 +1594,54 @@ def test_tiles_outside_the_window_are_not_visited(S, features, poisoned, clean):
     ref = fastvl.ops.flash_attention(*zeroed, softmax_scale=0.25, backend="reference", **features)
     for rows in clean:
         torch.testing.assert_close(out[:, rows], ref[:, rows], rtol=1e-5, atol=1e-6)
+
+
+def test_flops_count_the_attended_pairs():
+    # FlopCounterMode charges windowed / frame-block attention for the pairs it attends, not S x S
+    N, text, F, frames, H, D = 2, 1, 8, 4, 2, 16
+    S = text + F * frames
+    q = randn(N, S, H, D, device="cpu")
+    counts = {}
+    for name, kw in (("full", {}), ("w0", dict(frame_tokens=F, text_tokens=text, spatial_only=True))):
+        with FlopCounterMode(display=False) as m:
+            fastvl.ops.flash_attention(q, q, q, backend="reference", **kw)
+        counts[name] = m.get_total_flops()
+    assert counts["full"] == 4 * N * S * S * H * D
+    pairs = S * S - (frames * F) ** 2 + frames * F * F  # text rows / columns + the diagonal frame blocks
+    assert counts["w0"] == 4 * N * pairs * H * D
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_gpu_features_vs_float64(dtype, case):
+    # every feature case at VATT-M-like lengths (1 CLS + 8 frames of 196 where frames apply), bf16 / fp16
+    name, N, Sq, Sk, H, Hk, D, _features = case
+    scale_len = 1 + 8 * 196
+    if "frames" in name or "temporal" in name:
+        text = 3 if "w0" in name else (2 if "w1" in name else 1)
+        F = 5 if "w0" in name else 4
+        Sq = Sk = text + F * (scale_len // F)
+    else:
+        Sq, Sk = Sq * 40 + 1, Sk * 40 + 1
+    torch.manual_seed(0)
+    q = torch.randn(N, Sq, H, 64, device="cuda", dtype=torch.float64).to(dtype).requires_grad_(True)
+    k, v = (torch.randn(N, Sk, Hk, 64, device="cuda", dtype=torch.float64).to(dtype).requires_grad_(True)
+            for _ in range(2))  # fmt: skip
+    kw, nk = _feature_kwargs(name, N, Sq, Sk, H, Hk, dtype)
+    res = fastvl.ops.flash_attention(q, k, v, backend="triton", **kw)
+    out = res[0] if kw.get("return_lse") else res
+    g = torch.randn_like(out)
+    leaves = [q, k, v] + ([kw["key_bias"]] if "key_bias" in kw else [])
+    grads = torch.autograd.grad(out, leaves, g)
+    results = []
+    for cast in (torch.float64, dtype):
+        ls = [t.detach().to(cast if t.dtype != torch.float32 else torch.float64).requires_grad_(True) for t in leaves]
+        nkw = dict(nk, bias=ls[3]) if len(ls) > 3 else nk
+        o, _ = naive_full(*ls[:3], 64**-0.5, **nkw)
+        results.append((o, torch.autograd.grad(o, ls, g.to(cast))))
+    (ref, ref_grads), (same, same_grads) = results
+    assert_close(out, ref, dtype, torch_same_dtype=same, name=f"out ({name})")
+    for n, a, r, sm in zip(["q", "k", "v", "key_bias"], grads, ref_grads, same_grads):
+        assert_close(a, r, dtype if n != "key_bias" else torch.float32, torch_same_dtype=sm.to(a.dtype),
+                     name=f"grad {n} ({name})")  # fmt: skip

@@ -1,12 +1,10 @@
 """Attention backends: fastvl's Triton kernel and the peers, their declared capabilities, registration, the
 example calls and the FLOP formulas.
 
-Roles: ``forward(q, k, v, opts) -> (out, lse)`` and ``backward(dout, q, k, v, out, lse, dlse, opts) -> (dq, dk,
-dv, dbias)`` inside fastvl's custom op (:class:`~.reference.AttentionOptions` ``opts``; ``lse (H, rows)`` is the
-backend's own, natural log when ``opts.return_lse``; ``dbias`` an empty tensor without a key bias). Peers run
-outside it with their own autograd: ``forward(q, k, v, opts) -> (out, lse or None)`` and, for flash_attn,
-``varlen(q, k, v, opts)``. ``attention_rows``: ``forward(q_rows, k, lse, key_bias, key_padding_mask, scale,
-softcap) -> rows``.
+Roles: ``forward(q, k, v, opts) -> (out, lse)``, ``backward(dout, q, k, v, out, lse, dlse, opts) -> (dq, dk, dv,
+dbias)`` in fastvl's custom op (``lse (H, rows)``: the backend's own, natural log when ``opts.return_lse``; dbias
+empty without a key bias); peers, outside it: ``forward(q, k, v, opts) -> (out, lse or None)``, flash_attn's
+``varlen(q, k, v, opts)``; ``attention_rows``: ``forward(q_rows, k, lse, key_bias, kpm, scale, softcap)``.
 
 Features a call can use (``Call.features``): ``key_padding_mask``, ``frame_offsets`` (roll-aware addressing),
 ``varlen`` (cu_seqlens), ``deterministic`` (bitwise-repeatable gradients), ``causal``, ``causal_bottom_right``
@@ -44,6 +42,7 @@ from .reference import (
     attention_reference,
     attention_reference_backward,
     attention_rows_reference,
+    visible,
 )
 
 OP = "flash_attention"
@@ -372,7 +371,8 @@ backends.register_example(OP, example_varlen)
 backends.register_example(ROWS_OP, example_rows)
 
 
-# ---- FLOP formulas (FlopCounterMode): 4 N H Sq Sk D forward (half when causal), 2.5x that backward
+# ---- FLOP formulas (FlopCounterMode): 4 N H Sq Sk D forward (half when causal; the attended pairs with a
+# window or frame blocks), 2.5x that backward
 # (the recomputed QK^T plus four matmuls), the same count torch gives its own flash / efficient SDPA.
 
 
@@ -389,9 +389,17 @@ def _pairs(q, k, cu_q, cu_k, max_q, max_k) -> int:
 
 
 def attention_flops(q, k, v, *flat_options_and_backend, **_) -> int:
+    """Dense with a window or frame blocks: the attended (query, key) pairs (key padding not subtracted)."""
     opts = AttentionOptions(*flat_options_and_backend[:-1])
-    f = 4 * _pairs(q, k, opts.cu_seqlens_q, opts.cu_seqlens_k, opts.max_seqlen_q, opts.max_seqlen_k)
-    f *= q.shape[-2] * q.shape[-1]
+    H, D = q.shape[-2], q.shape[-1]
+    if not opts.varlen and (opts.windowed or opts.frame_tokens > 0):
+        try:
+            Sq, Sk = q.shape[1], k.shape[1]
+            pairs = int(visible(Sq, Sk, opts, None, "cpu").sum())
+            return 4 * q.shape[0] * pairs * H * D
+        except Exception:  # symbolic sizes under compile: the dense count below
+            pass
+    f = 4 * _pairs(q, k, opts.cu_seqlens_q, opts.cu_seqlens_k, opts.max_seqlen_q, opts.max_seqlen_k) * H * D
     return f // 2 if opts.causal else f
 
 
