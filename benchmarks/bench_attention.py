@@ -28,12 +28,15 @@ import torch.nn.functional as F
 import fastvl
 
 try:
+    from .attention_packed import packed_cases
     from .common import Case, default_results_dir, environment, run_case, write_rows
 except ImportError:  # run as a script
+    from attention_packed import packed_cases
     from common import Case, default_results_dir, environment, run_case, write_rows
 
 FAMILY = "attention"
-OPS = ("flash_attention", "attention_rows")  # every case op (the suite skips this family for selections naming none)
+# every case op (the suite skips this family for selections naming none)
+OPS = ("flash_attention", "attention_rows", "flash_attention_qkvpacked")
 
 
 def eager_attention(q, k, v, causal=False, kpm=None):
@@ -209,6 +212,7 @@ def cases(quick: bool = False, sweep: bool = False):
                 bound="compute",
             )
     yield from rows_cases(quick)
+    yield from packed_cases(quick)  # the qkv-packed op (benchmarks/attention_packed.py)
 
 
 # ---- score features and frame-block windows ------------------------------------------------------------

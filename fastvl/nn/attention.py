@@ -7,18 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl import ops
-from fastvl.ops import attention
 
 
 class Attention(nn.Module):
     """timm's ViT ``Attention`` (submodules ``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``proj``,
-    ``proj_drop``; identical state-dict keys) running ``fastvl.ops.flash_attention``.
+    ``proj_drop``; identical state-dict keys) running fastvl's attention ops.
 
     ``forward(x (N, S, dim), key_padding_mask=None, frame_offsets=None, num_frames=1) -> (N, S, dim)``.
-    q, k and v are read in place from the qkv projection (strided, no permute copies). Extras for timm's
+    q, k and v are read in place from the qkv projection (strided, no permute copies); without q/k norms the
+    attention runs on the packed qkv (``fastvl.ops.flash_attention_qkvpacked``), so its backward writes the
+    projection's gradient d(qkv) as one buffer (no stack of dq, dk, dv). Extras for timm's
     ``Block``: ``attn_mask`` (an arbitrary SDPA mask: served by ``torch.nn.functional.scaled_dot_product_attention``,
-    not a fastvl op) and ``is_causal``. With ``attn_drop > 0`` in training, attention runs as eager PyTorch
-    math with dropout (fastvl's kernels have no dropout).
+    not a fastvl op) and ``is_causal``. With ``attn_drop > 0`` in training, the op applies attention dropout
+    (``dropout_p``; the mask is drawn from torch's default generator).
     """
 
     def __init__(
@@ -72,25 +73,18 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=p,
                 is_causal=is_causal, scale=self.scale,
             ).transpose(1, 2)  # fmt: skip
-        elif p > 0:
-            o = self._eager_dropout(q, k, v, key_padding_mask, frame_offsets, num_frames, is_causal, p)
         else:
-            o = ops.flash_attention(
-                q, k, v, softmax_scale=self.scale, causal=is_causal, key_padding_mask=key_padding_mask,
-                frame_offsets=frame_offsets, num_frames=num_frames, backend=self.backend,
-            )  # fmt: skip
+            kw = dict(causal=is_causal, key_padding_mask=key_padding_mask, frame_offsets=frame_offsets,
+                      num_frames=num_frames, backend=self.backend)  # fmt: skip
+            if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
+                # one op on the qkv buffer: its backward writes d(qkv), no stack of dq, dk, dv
+                o = ops.flash_attention_qkvpacked(qkv, p, self.scale, **kw)
+            else:
+                o = ops.flash_attention(q, k, v, p, self.scale, **kw)
         o = self.norm(o.reshape(N, S, self.attn_dim))
         if gate is not None:
             o = o * gate
         return self.proj_drop(self.proj(o))
-
-    def _eager_dropout(self, q, k, v, kpm, frame_offsets, T, causal, p):
-        # validates exactly like the op, then runs the (differentiable) reference math with dropout
-        plan = attention.prepare(
-            q, k, v, softmax_scale=self.scale, causal=causal, key_padding_mask=kpm, frame_offsets=frame_offsets,
-            num_frames=T,
-        )  # fmt: skip
-        return attention.attention_reference(q, k, v, plan.options, dropout_p=p)[0]
 
     @classmethod
     def from_timm(cls, m: nn.Module, backend: str | None = None) -> Attention:

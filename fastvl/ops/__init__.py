@@ -1,6 +1,7 @@
 """Functional ops. Each dispatches to a backend (reference / triton / cuda / peers) per call."""
 
 from .attention import attention_rows, flash_attention, flash_attention_varlen, roll_frame_offsets
+from .attention.packed import flash_attention_qkvpacked, flash_attention_varlen_qkvpacked
 from .contrastive import clip_loss, mil_nce_loss, siglip_loss
 from .layer_norm import layer_norm
 from .linear_cross_entropy import linear_cross_entropy
@@ -16,6 +17,8 @@ __all__ = [
     "clip_loss",
     "drop_tokens",
     "flash_attention",
+    "flash_attention_qkvpacked",
+    "flash_attention_varlen_qkvpacked",
     "frame_scores",
     "flash_attention_varlen",
     "gather_tokens",
