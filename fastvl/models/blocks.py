@@ -276,10 +276,18 @@ class Reduce:
 
     def select(self, x, rows, key_padding_mask, roll):
         """SMAUG selection on the stream ``x (N, L, C)`` in logical order; ``rows (N, H, P, L)`` are the attention
-        rows of the protected queries (attention scorer). Returns ``(x', key_padding_mask', roll')``."""
+        rows of the protected queries (attention scorer: a token's score is the attention it receives, averaged over
+        heads and the unpadded protected queries). Returns ``(x', key_padding_mask', roll')``."""
         s, P, red = self.settings, self.protected, self.reduction
         N, L, _ = x.shape
-        scores = received_attention(rows, skip=P) if red.scorer is None else red.scorer(x[:, P:]).squeeze(-1)
+        if red.scorer is not None:
+            scores = red.scorer(x[:, P:]).squeeze(-1)
+        elif key_padding_mask is None:
+            scores = received_attention(rows, skip=P)
+        else:  # the mean over the real (unpadded) protected queries only
+            real = (~key_padding_mask[:, :P]).to(rows.dtype)
+            scores = received_attention(rows * real[:, None, :, None], skip=P)
+            scores = scores * (P / real.sum(1, keepdim=True).clamp_min(1)).to(scores.dtype)
         Tr = self.row_frames
         if Tr > 1 and s.select_frames is not None and s.select_frames < Tr:
             # the clip's frames are rows: keep the select_frames rows of highest mean score, in time order
