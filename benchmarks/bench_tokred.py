@@ -14,7 +14,8 @@ step time and peak memory of each setting relative to ``none``.
 Models (``REDUCED_MODELS``, all of them the suite's default): ``allinone-b``, ``vatt-mbs``, ``mac-b``; ``--quick`` runs
 their tiny configs (allinone-tiny, vatt-tiny, mac-tiny) at batch 4: on a CPU these are CPU timings, never GPU figures.
 
-    python -m benchmarks.bench_tokred [--quick] [--models allinone-b,vatt-mbs,mac-b] [--batch N] [--rounds N]
+    python -m benchmarks.bench_tokred [--quick] [--models allinone-b,vatt-mbs,mac-b] [--settings none,merge_r=8]
+                                      [--batch N] [--rounds N] [--fastvl-only] [--out FILE]
     python -m benchmarks --ops tokred [--quick]     (the same cases through the suite)
 """
 
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=None, help="comma-separated setting labels (default: all)")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per provider (default: the suite's rule)")
+    p.add_argument("--fastvl-only", action="store_true", help="skip the eager provider (long CPU runs)")
     p.add_argument("--out", default=None, help="JSON rows path (default: print the tables only)")
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
         print(f"CPU run on {env['device']}: these are CPU timings, not GPU figures")
     rows, table = [], []
     for case in setting_cases(names, args.quick, args.batch, only):
-        got = run_case(case, env, rounds=args.rounds, family=FAMILY)
+        got = run_case(case, env, rounds=args.rounds, family=FAMILY, skip=("eager",) if args.fastvl_only else ())
         rows += got
         t = {r["provider"]: r["median"] for r in got if r["metric"] == "time_ms"}
         mem = {r["provider"]: r["median"] for r in got if r["metric"] == "memory_mb"}
