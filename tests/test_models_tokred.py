@@ -403,3 +403,47 @@ def test_describe_shows_flops_falling_with_reduction():
     describe("mac-tiny", file=out)
     text = out.getvalue()
     assert "token reduction on the video tokens" in text and "merge_r=2" in text and "%)" in text
+
+
+@pytest.mark.parametrize("name,overrides", [SETTINGS[0], SETTINGS[2], SETTINGS[5], SETTINGS[9]], ids=_ids(
+    [SETTINGS[0], SETTINGS[2], SETTINGS[5], SETTINGS[9]]))  # fmt: skip
+def test_train_step_with_reduction_under_bf16_autocast(name, overrides):
+    """What `fastvl pretrain --set ...` does on a GPU (bf16 autocast), on the CPU: finite losses and gradients."""
+    m = _model(name, **overrides).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(example_batch(m, 2, "cpu"))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,overrides,batch_size", [
+    ("allinone-b", dict(merge_r=8), 8), ("allinone-b", dict(select_keep=0.5, select_frames=2, select_layer=4), 8),
+    ("mac-b", dict(merge_r=8, merge_mode="frame"), 16), ("vatt-mbs", dict(select_keep=0.5, select_layer=4), 2),
+])  # fmt: skip
+def test_gpu_bf16_reduced_models_match_reference(name, overrides, batch_size):
+    """The fused kernels with reduction on (merge / select ops, attention after them) against every op's
+    reference, bf16 autocast at the papers' sizes."""
+    import fastvl
+
+    m = _model(name, **overrides).cuda()
+    batch = example_batch(m, batch_size, device="cuda")
+    noise = None  # the DropToken / mask draws fixed, so both backends see the same subsets
+    if name.startswith("vatt"):
+        noise = {"video": torch.rand(1568, device="cuda"), "audio": torch.rand(1200, device="cuda")}
+    elif name.startswith("mac"):
+        noise = {
+            "video": torch.rand(batch_size * 4, 196, device="cuda"),
+            "text": torch.rand(batch_size, 31, device="cuda"),
+        }
+    losses = {}
+    for backend in ("reference", "auto"):
+        with torch.autocast("cuda", dtype=torch.bfloat16), fastvl.use_backend(backend):
+            torch.manual_seed(1)
+            loss = (m(batch, noise=noise) if noise else m(batch))["loss"]
+        loss.backward()
+        losses[backend] = loss.detach().float()
+        m.zero_grad(set_to_none=True)
+    assert math.isfinite(losses["auto"].item())
+    torch.testing.assert_close(losses["auto"], losses["reference"], rtol=2e-2, atol=2e-2)
