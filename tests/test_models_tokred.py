@@ -25,7 +25,7 @@ from fastvl.models import (
     reduction_presets,
     train_forward_flops,
 )
-from fastvl.models.blocks import Reduce, ReductionSettings, TokenReduction
+from fastvl.models.reduction import Reduce, ReductionSettings, TokenReduction
 from fastvl.ops import merge_tokens, roll_frame_offsets, select_space_time
 from fastvl.ops.attention import roll_rows
 

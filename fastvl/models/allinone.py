@@ -29,7 +29,8 @@ from fastvl import rules
 
 from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device, sincos_1d, sincos_2d
-from .blocks import Encoder, Reduce, Roll, TokenReduction, reduction_settings
+from .blocks import Encoder, Roll
+from .reduction import Reduce, TokenReduction, reduction_settings
 
 
 @dataclasses.dataclass

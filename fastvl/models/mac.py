@@ -27,7 +27,8 @@ from fastvl import rules
 
 from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device
-from .blocks import Encoder, Reduce, TokenReduction, reduction_settings
+from .blocks import Encoder
+from .reduction import Reduce, TokenReduction, reduction_settings
 
 
 @dataclasses.dataclass

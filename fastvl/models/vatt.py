@@ -26,7 +26,8 @@ from fastvl import rules
 
 from . import layers
 from ._common import FLOAT_DTYPES, BatchChecker, VLModel, l2norm
-from .blocks import Encoder, Reduce, TokenReduction, reduction_settings
+from .blocks import Encoder
+from .reduction import Reduce, TokenReduction, reduction_settings
 
 MODALITIES = ("video", "audio", "text")
 
