@@ -90,6 +90,7 @@ FAMILIES = {
     "models",
     "select",
     "merge",
+    "tokred",
 }
 BOUND = {
     "tokens": "memory",
@@ -101,6 +102,7 @@ BOUND = {
     "contrastive": "compute",
     "linear_cross_entropy": "compute",
     "models": "compute",
+    "tokred": "compute",
 }
 
 
@@ -121,7 +123,7 @@ def test_smoke_cases_measure_eager_compile_and_fastvl(smoke):
         provs = per_case[common.case_key(s)]
         mine = provs[s["provider"]]
         peers = {p: r["median"] for p, r in provs.items() if common.is_peer(p)}
-        if s["family"] == "models":  # no peer implements these models; compile is left out (bench_models.py)
+        if s["family"] in ("models", "tokred"):  # no peer implements these models; no compile (bench_models.py)
             assert not peers and s["best_peer"] is None and s["vs_best_peer"] is None
         else:
             assert "compile" in peers  # torch.compile of the eager code is a peer wherever it runs

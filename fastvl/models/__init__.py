@@ -7,11 +7,21 @@ parameters and forward FLOPs beside the papers' figures (also ``fastvl info --mo
 from .allinone import AllInOne, AllInOneConfig
 from .blocks import Block, Encoder, Roll
 from .mac import MAC, MACConfig
-from .registry import create_model, describe, example_batch, list_models, model_stats
+from .registry import (
+    REDUCTION_PRESETS,
+    create_model,
+    describe,
+    example_batch,
+    list_models,
+    model_stats,
+    reduction_presets,
+    train_forward_flops,
+)
 from .vatt import VATT, VATTConfig
 
 __all__ = [
     "MAC",
+    "REDUCTION_PRESETS",
     "VATT",
     "AllInOne",
     "AllInOneConfig",
@@ -25,4 +35,6 @@ __all__ = [
     "example_batch",
     "list_models",
     "model_stats",
+    "reduction_presets",
+    "train_forward_flops",
 ]

@@ -9,6 +9,12 @@ caption differs: uniformly, or by VTC similarity with ``vtm_negatives="hard"``; 
 classes), MLM (15% of real tokens, 80/10/10; the head and its vocabulary loss run at the masked positions only,
 the logits never materialised) and VTC (unimodal passes without rolling, as in the paper's
 code, or with rolling in the video pass with ``video_roll=True``; Linear to 512, temperature 0.05, symmetric).
+
+Token reduction (``merge_r`` / ``select_*``, :mod:`fastvl.models.blocks`) acts on the video tokens of the fused
+and the unimodal video passes; the text and the CLS are never merged or dropped. Each frame row is reduced on its
+own to an equal count (merging per row, selection of an equal count per row), selection can drop whole frame rows
+(``select_frames``), and rolling continues on the reduced ``(B, T', L')`` frame grid as defined in
+:mod:`fastvl.models.blocks`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from fastvl import rules
 from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device, sincos_1d, sincos_2d
 from .blocks import Encoder, Roll
+from .reduction import Reduce, TokenReduction, reduction_settings
 
 
 @dataclasses.dataclass
@@ -59,6 +66,16 @@ class AllInOneConfig:
     # tokens). From scratch the text CLS of different captions starts nearly identical (cosine ~0.998 on
     # All-in-one-Ti), which can stall VTC-only training at a constant embedding; the mean starts apart.
     vtc_pool: str = "cls"
+    # token reduction on the video tokens (fastvl/models/blocks.py): ToMe merging of merge_r tokens per frame row
+    # in every block (sizes -> proportional attention with merge_prop_attn), or SMAUG selection before block
+    # select_layer of select_keep of each frame's tokens (float: fraction, int: count) and the select_frames best
+    # frames, scored by the text and CLS attention (select_scorer="attention") or a learned linear scorer ("linear")
+    merge_r: int = 0
+    merge_prop_attn: bool = True
+    select_keep: float | int | None = None
+    select_frames: int | None = None
+    select_layer: int = 1
+    select_scorer: str = "attention"
 
 
 class AllInOne(VLModel):
@@ -93,6 +110,7 @@ class AllInOne(VLModel):
             raise ValueError(f"AllInOne: pos_init='sincos' needs dim divisible by 4, got dim={cfg.dim}")
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"AllInOne: img_size={cfg.img_size} must be divisible by patch_size={cfg.patch_size}")
+        settings = reduction_settings("AllInOne", cfg, cfg.depth, cfg.num_frames)
         self.config = cfg
         C = cfg.dim
         self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
@@ -107,6 +125,7 @@ class AllInOne(VLModel):
         self.temporal_embed = nn.Parameter(torch.zeros(cfg.num_frames, C))
         self.type_embed = nn.Embedding(2, C)  # 0 text, 1 video
         self.encoder = Encoder(cfg.depth, C, cfg.num_heads, cfg.mlp_ratio, True, cfg.eps, cfg.drop, backend)
+        self.token_reduction = TokenReduction(settings, C, backend)
         # heads
         self.pooler = nn.Linear(C, C)
         self.vtm_head = nn.Linear(C, 2)
@@ -168,8 +187,8 @@ class AllInOne(VLModel):
         x = torch.cat([text[:, None].expand(B, T, Lt, C).to(video.dtype), video], dim=2).reshape(B * T, Lt + L, C)
         pad = torch.cat([~text_mask, text_mask.new_zeros(B, L)], dim=1)
         pad = pad[:, None].expand(B, T, Lt + L).reshape(B * T, Lt + L)
-        y = self.encoder(x, pad, self._roll(T, Lt, L))
-        return y.reshape(B, T, Lt + L, C).mean(1)
+        y = self.encoder(x, pad, self._roll(T, Lt, L), Reduce(self.token_reduction, Lt + 1, row_frames=T))
+        return y.reshape(B, -1, *y.shape[1:]).mean(1)
 
     def _roll(self, T: int, text_len: int, L: int) -> Roll | None:
         cfg = self.config
@@ -183,14 +202,20 @@ class AllInOne(VLModel):
         return self.encoder(self.embed_text(ids), ~mask)
 
     def video_features(self, video: torch.Tensor) -> torch.Tensor:
-        """Unimodal video pass: (B, T, 3, H, W) -> frame-averaged tokens (B, 1 + N, C)."""
-        return self._video_pass(self.embed_video(video))
+        """Unimodal video pass: (B, T, 3, H, W) -> frame-averaged tokens (B, 1 + N', C) (N' = N without token
+        reduction)."""
+        return self._video_pass(self.embed_video(video))[0].mean(1)
 
-    def _video_pass(self, v: torch.Tensor) -> torch.Tensor:
-        """Embedded video (B, T, 1 + N, C) through the encoder, rolled only with ``video_roll``; frame average."""
+    def _video_pass(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedded video (B, T, 1 + N, C) through the encoder, rolled only with ``video_roll``, reduced with the
+        token-reduction settings: tokens per frame row (B, T', 1 + N', C) and their sizes (B, T', 1 + N') (None
+        without merging)."""
         B, T, L, C = v.shape
         roll = self._roll(T, 0, L) if self.config.video_roll else None
-        return self.encoder(v.reshape(B * T, L, C), None, roll).reshape(B, T, L, C).mean(1)
+        reduce = Reduce(self.token_reduction, 1, row_frames=T)
+        y, size = self.encoder(v.reshape(B * T, L, C), None, roll, reduce, return_size=True)
+        y = y.reshape(B, -1, *y.shape[1:])
+        return y, None if size is None else size.reshape(*y.shape[:3])
 
     def _vtc_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         y = self.text_features(ids, mask)
@@ -202,8 +227,15 @@ class AllInOne(VLModel):
         return l2norm(self.vtc_text_proj(pooled))
 
     def _vtc_video(self, v: torch.Tensor) -> torch.Tensor:
-        y = self._video_pass(v)
-        return l2norm(self.vtc_video_proj(y[:, 0] if self.config.vtc_pool == "cls" else y[:, 1:].mean(1)))
+        y, size = self._video_pass(v)
+        if self.config.vtc_pool == "cls":
+            pooled = y[:, :, 0].mean(1)
+        elif size is None:
+            pooled = y[:, :, 1:].mean(2).mean(1)
+        else:  # a merged token stands for size[...] patches: the mean over the original patches of each frame
+            w = size[:, :, 1:, None].to(y.dtype)
+            pooled = ((y[:, :, 1:] * w).sum(2) / w.sum(2)).mean(1)
+        return l2norm(self.vtc_video_proj(pooled))
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised VTC text embeddings (B, vtc_dim) from the unimodal pass: the text CLS, or with

@@ -9,6 +9,10 @@ dropped (never the CLS, never padding; static shapes: see :meth:`MAC.mask_text`)
 projected to 256, L2-normalised and aligned with the symmetric contrastive loss (masked video with masked
 text, plus the full views when ``full_views``). The temperature is learnable (open_clip convention,
 logit scale initialised to 1/0.07, clamped at 100).
+
+Token reduction (``merge_r`` / ``merge_mode`` / ``select_*``, :mod:`fastvl.models.blocks`) runs in the video
+encoder after the masking, on the visible tokens (T frames of equal count), in training and evaluation; the CLS
+and the text encoder are never reduced.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fastvl import rules
 from . import layers
 from ._common import BatchChecker, VLModel, l2norm, rng_device
 from .blocks import Encoder
+from .reduction import Reduce, TokenReduction, reduction_settings
 
 
 @dataclasses.dataclass
@@ -47,6 +52,18 @@ class MACConfig:
     full_views: bool = False
     eps: float = 1e-6
     drop: float = 0.0
+    # token reduction on the video tokens (fastvl/models/blocks.py): ToMe merging of merge_r tokens per clip (per frame
+    # with merge_mode="frame")
+    # in every block (sizes -> proportional attention with merge_prop_attn), or SMAUG selection before block
+    # select_layer of select_keep of each frame's tokens (float: fraction, int: count) and the select_frames best
+    # frames, scored by the CLS attention (select_scorer="attention") or a learned linear scorer ("linear")
+    merge_r: int = 0
+    merge_mode: str = "joint"  # "joint" (ToMe over the clip) | "frame" (r per frame)
+    merge_prop_attn: bool = True
+    select_keep: float | int | None = None
+    select_frames: int | None = None
+    select_layer: int = 1
+    select_scorer: str = "attention"
 
 
 class MAC(VLModel):
@@ -68,6 +85,7 @@ class MAC(VLModel):
         for name in ("video_mask_ratio", "text_mask_ratio"):
             if not 0.0 <= getattr(cfg, name) < 1.0:
                 raise ValueError(f"MAC: {name} must be in [0, 1), got {getattr(cfg, name)}")
+        settings = reduction_settings("MAC", cfg, cfg.video[0], cfg.num_frames)
         self.config = cfg
         (vd, vc, vh), (td, tc, th) = cfg.video, cfg.text
         self.num_patches = (cfg.img_size // cfg.patch_size) ** 2
@@ -79,6 +97,7 @@ class MAC(VLModel):
         self.pos_temporal = nn.Parameter(torch.zeros(cfg.num_frames, vc))
         self.video_encoder = Encoder(vd, vc, vh, cfg.mlp_ratio, True, cfg.eps, cfg.drop, backend)
         self.video_proj = nn.Linear(vc, cfg.proj_dim)
+        self.token_reduction = TokenReduction(settings, vc, backend)
         # text encoder
         self.word_embeddings = nn.Embedding(cfg.vocab_size, tc)
         self.text_pos_embed = nn.Parameter(torch.zeros(cfg.max_text_len, tc))
@@ -119,7 +138,8 @@ class MAC(VLModel):
         K, C = x.shape[1:]
         x = (x.reshape(B, T, K, C) + self.pos_temporal[:T, None].to(x.dtype)).reshape(B, T * K, C)
         cls = (self.cls_token + self.pos_cls).to(x.dtype).expand(B, 1, C)
-        return self.video_encoder(torch.cat([cls, x], dim=1))[:, 0]
+        reduce = Reduce(self.token_reduction, 1, frames=T)
+        return self.video_encoder(torch.cat([cls, x], dim=1), None, None, reduce)[:, 0]
 
     def mask_text(
         self, x: torch.Tensor, mask: torch.Tensor, ratio: float, noise: torch.Tensor | None = None, generator=None

@@ -49,6 +49,45 @@ _MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
 }
 
 
+# token-reduction settings describe() and benchmarks/bench_tokred.py compare with the unreduced model: ToMe's r per
+# block (ViT-B's 8-16 on ~200 tokens; VATT-MBS keeps 784 video tokens after DropToken) and SMAUG's keep ratio
+_REDUCE_SELECT = {"select_keep": 0.5, "select_layer": 4}
+REDUCTION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "allinone": {
+        "merge_r=8": {"merge_r": 8},
+        "merge_r=16": {"merge_r": 16},
+        "select_keep=0.5": _REDUCE_SELECT,
+        "select_keep=0.5,select_frames=2": {**_REDUCE_SELECT, "select_frames": 2},
+    },
+    "mac": {
+        "merge_r=8": {"merge_r": 8},
+        "merge_r=16": {"merge_r": 16},
+        "select_keep=0.5": _REDUCE_SELECT,
+        "select_keep=0.5,select_frames=2": {**_REDUCE_SELECT, "select_frames": 2},
+    },
+    "vatt": {"merge_r=32": {"merge_r": 32}, "merge_r=64": {"merge_r": 64}, "select_keep=0.5": _REDUCE_SELECT},
+    "tiny": {
+        "merge_r=2": {"merge_r": 2},
+        "merge_r=4": {"merge_r": 4},
+        "select_keep=0.5": {"select_keep": 0.5, "select_layer": 1},
+    },
+}
+
+
+def reduction_presets(name: str) -> dict[str, dict[str, Any]]:
+    """The token-reduction settings compared for model ``name``: label -> config overrides (:data:`REDUCTION_PRESETS`;
+    the tiny models' smaller ``r``, and ``select_frames=2`` where the frames allow it)."""
+    if name not in _MODELS:
+        raise ValueError(f"reduction_presets: unknown model {name!r}; available: {', '.join(_MODELS)}")
+    family = _MODELS[name][0].__name__.lower()
+    if name.endswith("-tiny"):
+        out = dict(REDUCTION_PRESETS["tiny"])
+        if family != "vatt":
+            out["select_keep=0.5,select_frames=2"] = {"select_keep": 0.5, "select_layer": 1, "select_frames": 2}
+        return out
+    return dict(REDUCTION_PRESETS[family])
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
     return list(_MODELS)
@@ -67,6 +106,16 @@ def create_model(name: str, **overrides: Any):
     model = cls(**{**cfg, **overrides})
     model.model_name = name
     return model
+
+
+def train_forward_flops(name: str, **overrides: Any) -> flops.Flops:
+    """FLOPs of one training forward (all losses) per sample, counted at batch 2 on the meta device, of model
+    ``name`` with config ``overrides`` (e.g. token reduction: ``merge_r=8``)."""
+    m = _meta_model(name, **overrides)
+    m.train()
+    b = example_batch(m, 2)
+    f = flops.count(lambda: m(b))
+    return flops.Flops(f.total // 2, f.linear // 2, f.other // 2)
 
 
 # ---- sizes and FLOPs -----------------------------------------------------------------------
@@ -168,6 +217,9 @@ def _model_stats(name: str) -> dict[str, Any]:
             p.numel() for n, p in m.named_parameters() if n.startswith(("patch_embed", "cls", "pos_", "video_"))
         )
         out["params_text"] = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("word_", "text_")))
+    out["flops_reduction"] = {"none": train_forward_flops(name)}
+    for label, overrides in reduction_presets(name).items():
+        out["flops_reduction"][label] = train_forward_flops(name, **overrides)
     return out
 
 
@@ -251,4 +303,10 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
             f"  training forward with default masks: {_g(mk.total)} GFLOPs; unmasked: {_g(um.total)} GFLOPs; "
             f"{100 * (1 - mk.total / um.total):.1f}% fewer{ref}"
         )
+    red = s["flops_reduction"]
+    base = red["none"].total
+    w("  token reduction on the video tokens (training forward per sample at batch 2, --set FIELD=VALUE):")
+    for label, fl in red.items():
+        rel = "" if label == "none" else f"  ({100 * (fl.total / base - 1):+.1f}%)"
+        w(f"    {label:<34} {_g(fl.total)} GFLOPs{rel}")
     return s

@@ -8,8 +8,11 @@ trainable since none ships). Positions are added before DropToken (``fastvl.ops.
 only, one subset shared by the batch, ``keep_rate`` default 0.5); the AGG token is prepended after.
 Heads: video -> va 512 (Linear-BN-ReLU-Linear-BN), audio -> va (Linear), video va -> vt 256
 (ReLU-Linear-BN), text -> vt (Linear). Loss = (NCE(video, audio) + MIL-NCE(video, text)) / 2 at
-temperature 0.07. The modality-agnostic variant (``agnostic=True``) shares one backbone; tokenizers,
-positions, AGG and pre/post projections (Linear + GELU, as VATT's UniversalVATT) stay per modality.
+temperature 0.07. Token reduction (``merge_r`` / ``merge_mode`` / ``select_*``, :mod:`fastvl.models.blocks`) runs in
+the video backbone after DropToken, on the kept tokens (the AGG token protected; audio and text never reduced);
+its frame forms (``merge_mode="frame"``, ``select_frames``) need ``keep_rate=1``. The modality-agnostic variant
+(``agnostic=True``) shares one backbone; tokenizers, positions, AGG and pre/post projections (Linear + GELU, as
+VATT's UniversalVATT) stay per modality.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fastvl import rules
 from . import layers
 from ._common import FLOAT_DTYPES, BatchChecker, VLModel, l2norm
 from .blocks import Encoder
+from .reduction import Reduce, TokenReduction, reduction_settings
 
 MODALITIES = ("video", "audio", "text")
 
@@ -56,6 +60,18 @@ class VATTConfig:
     temperature: float = 0.07
     eps: float = 1e-6
     drop: float = 0.0
+    # token reduction on the video tokens (fastvl/models/blocks.py): ToMe merging of merge_r tokens per clip (per
+    # tubelet frame with merge_mode="frame")
+    # in every block (sizes -> proportional attention with merge_prop_attn), or SMAUG selection before block
+    # select_layer of select_keep of each frame's tokens (float: fraction, int: count) and the select_frames best
+    # frames, scored by the AGG attention (select_scorer="attention") or a learned linear scorer ("linear")
+    merge_r: int = 0
+    merge_mode: str = "joint"  # "joint" | "frame" (needs keep_rate=1: DropToken leaves no equal frames)
+    merge_prop_attn: bool = True
+    select_keep: float | int | None = None
+    select_frames: int | None = None
+    select_layer: int = 1
+    select_scorer: str = "attention"
 
 
 class VideoTokenizer(nn.Module):
@@ -131,6 +147,11 @@ class VATT(VLModel):
                 f"{cfg.patch_t}x{cfg.patch_s}x{cfg.patch_s}"
             )
         rules.keep_rate("VATT", cfg.keep_rate)
+        settings = reduction_settings(
+            "VATT", cfg, cfg.video[0], cfg.num_frames // cfg.patch_t if cfg.keep_rate == 1.0 else None,
+            f"DropToken (keep_rate={cfg.keep_rate}) keeps a random subset of the clip's tokens, not equal frames: "
+            "set keep_rate=1",
+        )  # fmt: skip
         self.config = cfg
         sizes = {m: (cfg.video if cfg.agnostic else getattr(cfg, m)) for m in MODALITIES}
         width = {m: sizes[m][1] for m in MODALITIES}
@@ -155,6 +176,7 @@ class VATT(VLModel):
         self.video_to_va = nn.Sequential(
             nn.Linear(out["video"], va), nn.BatchNorm1d(va), nn.ReLU(), nn.Linear(va, va), nn.BatchNorm1d(va)
         )
+        self.token_reduction = TokenReduction(settings, width["video"], backend)
         self.audio_to_va = nn.Linear(out["audio"], va)
         self.va_to_vt = nn.Sequential(nn.ReLU(), nn.Linear(va, vt), nn.BatchNorm1d(vt))
         self.text_to_vt = nn.Linear(out["text"], vt)
@@ -220,8 +242,9 @@ class VATT(VLModel):
         ids = torch.argsort(noise.to(x.device).float(), stable=True)[:K]
         return layers.gather_tokens(x, ids, pos, unique_indices=True, check_bounds=False, backend=self.backend)
 
-    def _encode(self, m: str, tokens, pos, pad=None, keep_rate: float = 1.0, noise=None) -> torch.Tensor:
-        """tokens (B, L, C) + positions -> (DropToken) -> [AGG; tokens] -> backbone -> AGG output (B, C')."""
+    def _encode(self, m: str, tokens, pos, pad=None, keep_rate: float = 1.0, noise=None, frames: int = 1):
+        """tokens (B, L, C) + positions -> (DropToken) -> [AGG; tokens] -> backbone -> AGG output (B, C').
+        Video: ``frames`` tubelet frames of equal length in ``tokens`` (token reduction's frame forms)."""
         if self.config.agnostic and m in self.pre_proj:
             tokens = self.pre_proj[m](tokens)
         x = self._drop(tokens, pos, keep_rate, noise)
@@ -229,12 +252,22 @@ class VATT(VLModel):
         x = torch.cat([self.agg_tokens[m].to(x.dtype).expand(B, 1, -1), x], dim=1)
         if pad is not None:
             pad = torch.cat([pad.new_zeros(B, 1), pad], dim=1)
-        agg = self._backbone(m)(x, pad)[:, 0]
+        reduce = None
+        if m == "video":
+            s = self.token_reduction.settings
+            if keep_rate < 1.0 and (s.select_frames is not None or (s.merges and s.merge_mode == "frame")):
+                raise ValueError(
+                    f"VATT: merge_mode='frame' / select_frames need whole frames of tokens, but DropToken runs at "
+                    f"keep_rate={keep_rate}"
+                )
+            reduce = Reduce(self.token_reduction, 1, frames=frames if keep_rate >= 1.0 else 1)
+        agg = self._backbone(m)(x, pad, None, reduce)[:, 0]
         return self.post_proj[m](agg) if self.config.agnostic else agg
 
     def video_features(self, video: torch.Tensor, keep_rate: float = 1.0, noise=None) -> torch.Tensor:
         """Video backbone output at the AGG token (B, C'); DropToken keeps ``keep_rate`` of the tokens."""
-        return self._encode("video", *self.video_tokenizer(video), keep_rate=keep_rate, noise=noise)
+        frames = video.shape[1] // self.config.patch_t
+        return self._encode("video", *self.video_tokenizer(video), keep_rate=keep_rate, noise=noise, frames=frames)
 
     def audio_features(self, audio: torch.Tensor, keep_rate: float = 1.0, noise=None) -> torch.Tensor:
         return self._encode("audio", *self.audio_tokenizer(audio), keep_rate=keep_rate, noise=noise)
