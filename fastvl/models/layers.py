@@ -23,9 +23,12 @@ from fastvl.ops import (
     gather_tokens,
     layer_norm,
     linear_cross_entropy,
+    masked_patch_loss,
     random_masking,
+    restore_tokens,
     roll_frame_offsets,
     temporal_token_roll,
+    tube_masking,
 )
 
 __all__ = [
@@ -37,10 +40,13 @@ __all__ = [
     "gather_tokens",
     "layer_norm",
     "linear_cross_entropy",
+    "masked_patch_loss",
     "mil_nce_loss",
     "random_masking",
+    "restore_tokens",
     "roll_frame_offsets",
     "temporal_token_roll",
+    "tube_masking",
 ]
 
 

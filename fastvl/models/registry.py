@@ -13,7 +13,9 @@ import torch
 from . import flops
 from .allinone import AllInOne
 from .mac import MAC
+from .simvtp import SimVTP
 from .vatt import VATT
+from .videomae import VideoMAE
 
 # VATT's backbone sizes (layers, hidden, heads; MLP = 4 x hidden) and their paper parameter counts
 VATT_SIZES = {"small": (6, 512, 8), "base": (12, 768, 12), "medium": (12, 1024, 16), "large": (24, 1024, 16)}
@@ -22,6 +24,19 @@ _LETTER = {"s": "small", "b": "base", "m": "medium", "l": "large"}
 
 _TINY_VATT = dict(
     num_frames=8, img_size=32, max_audio_tokens=16, text_embed_dim=24, va_dim=32, vt_dim=16, max_text_len=16
+)
+
+# the masked autoencoders' tiny variants: 4 frames of 32 px, 4 px patches (64 per frame, so 90% masking keeps 6)
+_TINY_MAE = dict(
+    depth=2,
+    dim=64,
+    num_heads=2,
+    decoder_depth=1,
+    decoder_dim=64,
+    decoder_heads=2,
+    img_size=32,
+    patch_size=4,
+    num_frames=4,
 )
 
 _MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
@@ -46,12 +61,25 @@ _MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
         dict(video=(2, 64, 2), text=(2, 64, 2), img_size=32, patch_size=8, max_text_len=12, proj_dim=32),
         {},
     ),
+    # SimVTP's encoder is VideoMAE's ViT-B (its code starts from VideoMAE's Kinetics-400 weights): the figures
+    # beside it are VideoMAE-B's
+    "simvtp-b": (SimVTP, {}, {"params_encoder": 87e6, "gmacs_encoder": 180, "encoder_from": "VideoMAE-B"}),
+    "simvtp-tiny": (SimVTP, dict(_TINY_MAE, max_text_len=16), {}),
+    "videomae-b": (VideoMAE, {}, {"params_encoder": 87e6, "gmacs_encoder": 180}),
+    "videomae-tiny": (VideoMAE, _TINY_MAE, {}),
 }
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
     return list(_MODELS)
+
+
+def config_fields(name: str) -> set[str]:
+    """The config fields of model ``name`` (what :func:`create_model` accepts besides ``backend``)."""
+    if name not in _MODELS:
+        raise ValueError(f"config_fields: unknown model {name!r}; available: {', '.join(_MODELS)}")
+    return {f.name for f in dataclasses.fields(_MODELS[name][0].config_cls)}
 
 
 def create_model(name: str, **overrides: Any):
@@ -114,6 +142,14 @@ def _model_stats(name: str) -> dict[str, Any]:
     m = _meta_model(name)
     cfg = m.config
     out: dict[str, Any] = {"name": name, "family": type(m).__name__, "params": m.num_params(), "paper": paper}
+    if hasattr(m, "stats"):  # models that count their own figures (the masked autoencoders)
+        cfg = m.config
+        out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px" + (
+            f", {cfg.max_text_len} text tokens" if hasattr(cfg, "max_text_len") else ""
+        )
+        out.update(m.stats())
+        out["lines"] = m.describe_lines(out, paper)
+        return out
     if isinstance(m, AllInOne):
         out["params_excl_mlm_decoder"] = m.num_params(exclude=("mlm_decoder",))
         b = example_batch(m, 1)
@@ -201,6 +237,10 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
     w(f"== model {name} ({s['family']}) ==")
     w(f"  parameters        {s['params']:,}")
     w(f"  FLOPs convention  {flops.CONVENTION}; per sample at {s['inputs']}")
+    if "lines" in s:
+        for line in s["lines"]:
+            w(line)
+        return s
     if s["family"] == "AllInOne":
         pe = s["params_excl_mlm_decoder"]
         extra = f"  (paper {p['params'] / 1e6:.0f}M: {_pct(pe, p['params'])})" if "params" in p else ""
