@@ -79,6 +79,11 @@ class SimVTP(MaskedVideoModel):
         for field in ("max_text_len", "vocab_size"):
             if getattr(cfg, field) < 1:
                 raise ValueError(f"SimVTP: {field} must be >= 1, got {getattr(cfg, field)}")
+        for field in ("pad_id", "cls_id", "sep_id", "mask_id"):
+            if not 0 <= getattr(cfg, field) < cfg.vocab_size:
+                raise ValueError(
+                    f"SimVTP: {field}={getattr(cfg, field)} must be a token id in [0, vocab_size={cfg.vocab_size})"
+                )
         C = cfg.dim
         self.word_embeddings = nn.Embedding(cfg.vocab_size, C)
         self.text_pos_embed = nn.Parameter(torch.zeros(cfg.max_text_len, C))
@@ -188,8 +193,8 @@ class SimVTP(MaskedVideoModel):
 
     @torch.no_grad()
     def heldout_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``reconstruction`` (the model's masked-patch loss, with the text masked as in training) and
-        ``reconstruction_patch_mean`` (each patch's mean predicted) on the same masks and places."""
+        """``reconstruction`` (the model's masked-patch loss, with the text masked as in training) and the
+        :meth:`baselines` on the same masks and places."""
         chk = BatchChecker(self.name, batch)
         video = self._check_video(chk)
         ids, tmask = self._check_text(chk)
@@ -201,7 +206,7 @@ class SimVTP(MaskedVideoModel):
         pred, places = self.reconstruct(y[:, :Kv], mask, ids_restore, generator)
         return {
             "reconstruction": self.reconstruction_loss(pred, video, mask, places),
-            "reconstruction_patch_mean": self.patch_mean_loss(video, mask, places),
+            **self.baselines(video, mask, places),
         }
 
     def stats(self) -> dict:

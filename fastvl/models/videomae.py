@@ -197,31 +197,40 @@ class MaskedVideoModel(VLModel):
             return pred.float().mean()
         return layers.masked_patch_loss(pred, video, mask, patch_index=places, **self._loss_args())
 
-    def patch_mean_prediction(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, P, D): every pixel of a patch predicted by its channel's mean over the patch, in the target's space
-        (the baseline a reconstruction must beat; 0 for the per-channel normalised target)."""
+    def patch_mean_prediction(self, video: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+        """(B, P, D): every pixel of a patch predicted by the patch's mean, in the target's space: the mean over all
+        its pixels and channels (``per_channel``: each channel's own mean, the patch's mean colour). Under the
+        per-channel normalisation both are 0; under MAE's per-patch normalisation the first is 0."""
         cfg = self.config
         B, T, Ch, H, W = video.shape
         u, p = cfg.tubelet, cfg.patch_size
         P, n = (T // u) * (H // p) * (W // p), u * p * p
-        if cfg.norm_pix == "channel":
+        if cfg.norm_pix == "channel" or (cfg.norm_pix is not False and not per_channel):
             return video.new_zeros(B, P, n * Ch)
         mean = torch.tensor(cfg.pixel_mean, device=video.device).view(1, 1, 3, 1, 1)
         std = torch.tensor(cfg.pixel_std, device=video.device).view(1, 1, 3, 1, 1)
         x = video.float() * std + mean
         x = x.reshape(B, T // u, u, Ch, H // p, p, W // p, p).permute(0, 1, 4, 6, 2, 5, 7, 3).reshape(B, P, n, Ch)
-        m = x.mean(2, keepdim=True)
+        m = x.mean(2, keepdim=True) if per_channel else x.mean((2, 3), keepdim=True)
         if cfg.norm_pix is not False:  # MAE: (x - mean) / sqrt(var + 1e-6) over the whole patch
             flat = x.reshape(B, P, n * Ch)
             mu = flat.mean(-1)[..., None, None]
             m = (m - mu) / (flat.var(-1, unbiased=True)[..., None, None] + 1e-6).sqrt()
         return m.expand(B, P, n, Ch).reshape(B, P, n * Ch)
 
-    def patch_mean_loss(self, video, mask, places) -> torch.Tensor:
+    def patch_mean_loss(self, video, mask, places, per_channel: bool = False) -> torch.Tensor:
         """The reconstruction loss of :meth:`patch_mean_prediction` at ``places``."""
-        pred = self.patch_mean_prediction(video)
+        pred = self.patch_mean_prediction(video, per_channel)
         pred = torch.gather(pred, 1, places[..., None].expand(-1, -1, pred.shape[-1]))
         return layers.masked_patch_loss(pred, video, mask, patch_index=places, **self._loss_args())
+
+    def baselines(self, video, mask, places) -> dict[str, torch.Tensor]:
+        """The held-out baselines: ``reconstruction_patch_mean`` (each masked patch predicted by its mean) and
+        ``reconstruction_patch_colour`` (by its mean colour, each channel's mean: an oracle of the colour)."""
+        return {
+            "reconstruction_patch_mean": self.patch_mean_loss(video, mask, places),
+            "reconstruction_patch_colour": self.patch_mean_loss(video, mask, places, per_channel=True),
+        }
 
     # ---- describe() ----------------------------------------------------------------------------
 
@@ -311,14 +320,13 @@ class VideoMAE(MaskedVideoModel):
 
     @torch.no_grad()
     def heldout_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``reconstruction`` (the model's) and ``reconstruction_patch_mean`` (each patch's mean predicted) on the
-        same masks and places."""
+        """``reconstruction`` (the model's) and the :meth:`baselines` on the same masks and places."""
         video = self._check_video(BatchChecker(self.name, batch))
         visible, mask, ids_restore = self.video_tokens(video, generator=generator)
         pred, places = self.reconstruct(self.encoder(visible), mask, ids_restore, generator)
         return {
             "reconstruction": self.reconstruction_loss(pred, video, mask, places),
-            "reconstruction_patch_mean": self.patch_mean_loss(video, mask, places),
+            **self.baselines(video, mask, places),
         }
 
     def stats(self) -> dict:
