@@ -225,7 +225,7 @@ BAD_OPTIONS = [
     ("simvtp-tiny", dict(loss_weights=(1.0,)), "one weight per task"),
     ("simvtp-tiny", dict(text_mask_ratio=0.0), "text_mask_ratio"),
     ("simvtp-tiny", dict(vtc_temperature=0.0), "vtc_temperature"),
-    ("simvtp-tiny", dict(vocab_size=100), r"mask_id=103 must be a token id in \[0, vocab_size=100\)"),
+    ("simvtp-tiny", dict(vocab_size=100), r"cls_id=101 must be a token id in \[0, vocab_size=100\)"),
 ]
 
 
