@@ -323,3 +323,21 @@ def test_cli_pretrain_synthetic(tmp_path, name, capsys):
     assert cli(["eval", out]) == 0
     again = capsys.readouterr().out
     assert f"reconstruction {held['reconstruction']:.4f}" in again  # the same masks: the same figure
+
+
+def test_videomae_trains_on_a_manifest_and_shards(tmp_path, capsys):
+    """Video only: the captions of the manifest / shards are read (the loader tokenises them) and ignored."""
+    data = str(tmp_path / "clips")
+    assert cli(["data", "synth", "--out", data, "--num", "12", "--num-val", "4", "--frames", "4", "--size", "32"]) == 0
+    manifest = os.path.join(data, "manifest.jsonl")
+    common = ["--model", "videomae-tiny", "--steps", "2", "--batch-size", "4", "--no-progress", "--log-every", "1"]
+    assert cli(["pretrain", *common, "--data", manifest, "--out", str(tmp_path / "mf")]) == 0
+    printed = capsys.readouterr().out
+    assert "losses on 4 held-out clips: reconstruction " in printed and "zero-shot retrieval" not in printed
+    shards = str(tmp_path / "shards" / "{000..001}.tar")
+    assert cli(["data", "shards", "--data", manifest, "--out", shards, "--per-shard", "8"]) == 0
+    out = str(tmp_path / "sh")
+    assert cli(["pretrain", *common, "--data", shards, "--out", out, "--no-eval"]) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2]
