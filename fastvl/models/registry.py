@@ -110,15 +110,16 @@ def example_batch(model, batch_size: int = 1, device: str | torch.device = "meta
     text tokens, for VATT ``max_audio_tokens * 128`` audio samples. On ``meta`` it only carries shapes."""
     cfg, B, device = model.config, batch_size, torch.device(device)
     real = device.type != "meta"
+    Lt = getattr(cfg, "max_text_len", 16)  # a video-only model (VideoMAE) ignores the text
 
     def rand(*shape):
         return torch.randn(*shape, device=device) if real else torch.empty(*shape, device=device)
 
-    ids = torch.randint(1000, 2000, (B, cfg.max_text_len), device=device) if real else None
+    ids = torch.randint(1000, 2000, (B, Lt), device=device) if real else None
     batch = {
         "video": rand(B, cfg.num_frames, 3, cfg.img_size, cfg.img_size),
-        "text_ids": ids if real else torch.empty(B, cfg.max_text_len, dtype=torch.long, device=device),
-        "text_mask": torch.ones(B, cfg.max_text_len, dtype=torch.bool, device=device),
+        "text_ids": ids if real else torch.empty(B, Lt, dtype=torch.long, device=device),
+        "text_mask": torch.ones(B, Lt, dtype=torch.bool, device=device),
     }
     if isinstance(model, VATT):
         batch["audio"] = rand(B, cfg.max_audio_tokens * cfg.audio_patch)
