@@ -37,7 +37,7 @@ SYNTHETIC_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # while before it learns). Paper-size VATT / MAC models run on a CPU, slowly.
 #
 # allinone (-ti/-s/-b): the recipe under which pretraining learns motion on 2 CPU cores in 6-8 minutes
-# (allinone-ti, 4096 clips x 4 epochs at ~35-40 clips/s; README "What the main job does"): VTC only, with rolling in
+# (allinone-ti, 4096 clips x 4 epochs at ~35-40 clips/s; docs/findings.md): VTC only, with rolling in
 # the unimodal video pass (video_roll; the paper rolls in the fused pass only, which VTC never sees), roll
 # fraction 1/4, 2 colours x 2 shapes x 6 motions with larger shapes and travel. The paper's VTM + MLM heads
 # are one --set tasks=... away; from scratch they learn nothing visual in this budget (VTM stays at ln 2).

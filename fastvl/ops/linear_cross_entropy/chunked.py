@@ -13,7 +13,7 @@ import torch
 
 from fastvl.rules import compute_dtype
 
-from .reference import absent, logits_block, row_losses, safe_targets, unit_gradient_
+from .reference import absent, backward_setup, logits_block, row_losses, safe_targets, unit_gradient_
 
 CHUNK_ELEMS = 1 << 22
 """Logits per chunk (16 MiB in fp32; rows per chunk = CHUNK_ELEMS // V)."""
@@ -48,10 +48,7 @@ def lce_backward_chunked(
     hidden, weight, bias, targets, lse, dh_unit, grad, ignore_index, label_smoothing, need_dh, need_dw, need_db
 ):
     """The gradients of the reference's backward, the logits recomputed one row chunk at a time."""
-    cd = compute_dtype(hidden.dtype)
-    t, valid = safe_targets(targets, ignore_index)
-    c = torch.where(valid, grad.to(cd), torch.zeros((), dtype=cd, device=grad.device))
-    dh = (c[:, None] * dh_unit).to(hidden.dtype) if need_dh else absent(hidden)
+    cd, t, valid, c, dh = backward_setup(hidden, targets, dh_unit, grad, ignore_index, need_dh)
     dw, db = absent(weight), absent(weight if bias is None else bias)
     if not (need_dw or need_db):
         return dh, dw, db

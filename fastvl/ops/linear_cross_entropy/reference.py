@@ -26,15 +26,10 @@ from fastvl.rules import compute_dtype
 
 
 def linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    hidden, weight, bias, targets, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"
 ) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ...)`` in float32 (float64 for float64)."""
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ...)`` in float32 (float64 for float64); the
+    arguments as :func:`fastvl.ops.linear_cross_entropy` takes them."""
     cd = compute_dtype(hidden.dtype)
     logits = F.linear(hidden.to(cd), weight.to(cd), None if bias is None else bias.to(cd))
     return F.cross_entropy(
@@ -90,6 +85,16 @@ def absent(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+def backward_setup(hidden, targets, dh_unit, grad, ignore_index: int, need_dh: bool):
+    """What every backward starts from: (compute dtype, safe targets, valid rows, the upstream row weights
+    ``c`` (0 on rows without a target), dh = c * dh_unit in hidden's dtype or absent)."""
+    cd = compute_dtype(hidden.dtype)
+    t, valid = safe_targets(targets, ignore_index)
+    c = torch.where(valid, grad.to(cd), torch.zeros((), dtype=cd, device=grad.device))
+    dh = (c[:, None] * dh_unit).to(hidden.dtype) if need_dh else absent(hidden)
+    return cd, t, valid, c, dh
+
+
 # ---- the primitives over materialised logits ------------------------------------------------------
 
 
@@ -108,10 +113,7 @@ def lce_backward_reference(
     hidden, weight, bias, targets, lse, dh_unit, grad, ignore_index, label_smoothing, need_dh, need_dw, need_db
 ):
     """(dh, dW, db) for upstream row weights ``grad``, from the materialised logits."""
-    cd = compute_dtype(hidden.dtype)
-    t, valid = safe_targets(targets, ignore_index)
-    c = torch.where(valid, grad.to(cd), torch.zeros((), dtype=cd, device=grad.device))
-    dh = (c[:, None] * dh_unit).to(hidden.dtype) if need_dh else absent(hidden)
+    cd, t, valid, c, dh = backward_setup(hidden, targets, dh_unit, grad, ignore_index, need_dh)
     dw, db = absent(weight), absent(weight if bias is None else bias)
     if need_dw or need_db:
         x = logits_block(hidden, weight.to(cd), None if bias is None else bias.to(cd))

@@ -108,33 +108,25 @@ LOSS_TRITON = triton_kernel(
     features=frozenset({"patch_index", "unnormalize"}),
 )
 
-backends.register(
-    TUBE, "reference", 0, Capabilities(features=TUBE_TRITON.features),
-    forward=tube_masking_reference, backward=tube_masking_reference_backward,
-    description="torch.rand + argsort per tube + gather (VideoMAE's TubeMaskingGenerator, MAE's gather)",
+# (op, the Triton declaration, reference forward / backward and what it transcribes, Triton forward / backward)
+_FAMILY = (
+    (TUBE, TUBE_TRITON, tube_masking_reference, tube_masking_reference_backward,
+     "torch.rand + argsort per tube + gather (VideoMAE's TubeMaskingGenerator, MAE's gather)",
+     tube_masking_triton, tube_masking_triton_backward),
+    (RESTORE, RESTORE_TRITON, restore_reference, restore_reference_backward,
+     "torch.cat + gather + add (MAE's unshuffle; VideoMAE V2's cat)", restore_triton, restore_triton_backward),
+    (LOSS, LOSS_TRITON, masked_patch_loss_reference, masked_patch_loss_reference_backward,
+     "patchify + normalise + MSE in torch (MAE / VideoMAE)",
+     masked_patch_loss_triton, masked_patch_loss_triton_backward),
 )  # fmt: skip
-backends.register(
-    TUBE, "triton", 20, TUBE_TRITON, requires="triton",
-    forward=tube_masking_triton, backward=tube_masking_triton_backward,
-)  # fmt: skip
-backends.register(
-    RESTORE, "reference", 0, Capabilities(features=RESTORE_TRITON.features),
-    forward=restore_reference, backward=restore_reference_backward,
-    description="torch.cat + gather + add (MAE's unshuffle; VideoMAE V2's cat)",
-)  # fmt: skip
-backends.register(
-    RESTORE, "triton", 20, RESTORE_TRITON, requires="triton",
-    forward=restore_triton, backward=restore_triton_backward,
-)  # fmt: skip
-backends.register(
-    LOSS, "reference", 0, Capabilities(features=LOSS_TRITON.features),
-    forward=masked_patch_loss_reference, backward=masked_patch_loss_reference_backward,
-    description="patchify + normalise + MSE in torch (MAE / VideoMAE)",
-)  # fmt: skip
-backends.register(
-    LOSS, "triton", 20, LOSS_TRITON, requires="triton",
-    forward=masked_patch_loss_triton, backward=masked_patch_loss_triton_backward,
-)  # fmt: skip
+for op, triton_caps, ref_forward, ref_backward, ref_description, triton_forward, triton_backward in _FAMILY:
+    backends.register(
+        op, "reference", 0, Capabilities(features=triton_caps.features),
+        forward=ref_forward, backward=ref_backward, description=ref_description,
+    )  # fmt: skip
+    backends.register(
+        op, "triton", 20, triton_caps, requires="triton", forward=triton_forward, backward=triton_backward
+    )
 
 
 # ---- example calls: VideoMAE-B (16 frames, tubelet 2 -> 8 x 196 tokens, encoder 768, decoder 384, ratio 0.9)
