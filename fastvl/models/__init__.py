@@ -1,4 +1,4 @@
-"""Models: All-in-one, VATT and MAC on fastvl's ops, one shared pre-norm block, a registry by name.
+"""Models: All-in-one, VATT, MAC, SimVTP and VideoMAE on fastvl's ops, one shared pre-norm block, a registry by name.
 
 ``create_model(name, **overrides)`` builds one (``list_models()`` names them); ``describe(name)`` prints its
 parameters and forward FLOPs beside the papers' figures (also ``fastvl info --model NAME``).
@@ -9,6 +9,7 @@ from .blocks import Block, Encoder, Roll
 from .mac import MAC, MACConfig
 from .registry import (
     REDUCTION_PRESETS,
+    config_fields,
     create_model,
     describe,
     example_batch,
@@ -17,7 +18,9 @@ from .registry import (
     reduction_presets,
     train_forward_flops,
 )
+from .simvtp import SimVTP, SimVTPConfig
 from .vatt import VATT, VATTConfig
+from .videomae import VideoMAE, VideoMAEConfig
 
 __all__ = [
     "MAC",
@@ -29,7 +32,12 @@ __all__ = [
     "Encoder",
     "MACConfig",
     "Roll",
+    "SimVTP",
+    "SimVTPConfig",
     "VATTConfig",
+    "VideoMAE",
+    "VideoMAEConfig",
+    "config_fields",
     "create_model",
     "describe",
     "example_batch",

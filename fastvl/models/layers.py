@@ -32,13 +32,16 @@ from fastvl.ops import (
     gather_tokens,
     layer_norm,
     linear_cross_entropy,
+    masked_patch_loss,
     merge_tokens,
     random_masking,
     received_attention,
+    restore_tokens,
     roll_frame_offsets,
     select_space_time,
     select_tokens,
     temporal_token_roll,
+    tube_masking,
 )
 from fastvl.ops.attention import roll_rows
 from fastvl.rules import compute_dtype
@@ -57,17 +60,20 @@ __all__ = [
     "gather_tokens",
     "layer_norm",
     "linear_cross_entropy",
+    "masked_patch_loss",
     "merge_tokens",
     "mil_nce_loss",
     "proportional_attention",
     "proportional_attention_reference",
     "random_masking",
     "received_attention",
+    "restore_tokens",
     "roll_frame_offsets",
     "roll_stream",
     "select_space_time",
     "select_tokens",
     "temporal_token_roll",
+    "tube_masking",
 ]
 
 # whether fastvl.ops.flash_attention takes ``key_bias`` (then proportional attention runs in its kernels)

@@ -13,7 +13,9 @@ import torch
 from . import flops
 from .allinone import AllInOne
 from .mac import MAC
+from .simvtp import SimVTP
 from .vatt import VATT
+from .videomae import VideoMAE
 
 # VATT's backbone sizes (layers, hidden, heads; MLP = 4 x hidden) and their paper parameter counts
 VATT_SIZES = {"small": (6, 512, 8), "base": (12, 768, 12), "medium": (12, 1024, 16), "large": (24, 1024, 16)}
@@ -23,6 +25,27 @@ _LETTER = {"s": "small", "b": "base", "m": "medium", "l": "large"}
 _TINY_VATT = dict(
     num_frames=8, img_size=32, max_audio_tokens=16, text_embed_dim=24, va_dim=32, vt_dim=16, max_text_len=16
 )
+
+# the masked autoencoders' tiny variants: 4 frames of 32 px, 4 px patches (64 per frame, so 90% masking keeps 6)
+_TINY_MAE = dict(
+    depth=2,
+    dim=64,
+    num_heads=2,
+    decoder_depth=1,
+    decoder_dim=64,
+    decoder_heads=2,
+    img_size=32,
+    patch_size=4,
+    num_frames=4,
+)
+
+# VideoMAE's ViT-B (Kinetics-400 table, 16 frames of 224 px: 87M parameters, 180 GFLOPs counted by fvcore, which
+# counts a multiply-add as one); MAE-ST's speed-up of 90% masking is a wall-clock time, not a FLOP count
+_VIDEOMAE_B = {
+    "params_encoder": 87e6,
+    "gmacs_encoder": 180,
+    "encoder_note": "MAE-ST (Feichtenhofer et al.) reports about 4x less wall-clock at 90% masking (a time)",
+}
 
 _MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
     # name: (class, config, paper figures)
@@ -46,6 +69,12 @@ _MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
         dict(video=(2, 64, 2), text=(2, 64, 2), img_size=32, patch_size=8, max_text_len=12, proj_dim=32),
         {},
     ),
+    # SimVTP's encoder is VideoMAE's ViT-B (its code starts from VideoMAE's Kinetics-400 weights): the figures
+    # beside it are VideoMAE-B's
+    "simvtp-b": (SimVTP, {}, {**_VIDEOMAE_B, "encoder_from": "VideoMAE-B"}),
+    "simvtp-tiny": (SimVTP, dict(_TINY_MAE, max_text_len=16), {}),
+    "videomae-b": (VideoMAE, {}, _VIDEOMAE_B),
+    "videomae-tiny": (VideoMAE, _TINY_MAE, {}),
 }
 
 
@@ -93,6 +122,13 @@ def list_models() -> list[str]:
     return list(_MODELS)
 
 
+def config_fields(name: str) -> set[str]:
+    """The config fields of model ``name`` (what :func:`create_model` accepts besides ``backend``)."""
+    if name not in _MODELS:
+        raise ValueError(f"config_fields: unknown model {name!r}; available: {', '.join(_MODELS)}")
+    return {f.name for f in dataclasses.fields(_MODELS[name][0].config_cls)}
+
+
 def create_model(name: str, **overrides: Any):
     """Build a model by name; ``overrides`` replace config fields (e.g. ``vocab_size=65536``, ``rolling=
     "explicit"``, ``keep_rate=0.25``) or pass ``backend=``. Unknown names or fields raise with the choices."""
@@ -131,15 +167,16 @@ def example_batch(model, batch_size: int = 1, device: str | torch.device = "meta
     text tokens, for VATT ``max_audio_tokens * 128`` audio samples. On ``meta`` it only carries shapes."""
     cfg, B, device = model.config, batch_size, torch.device(device)
     real = device.type != "meta"
+    Lt = getattr(cfg, "max_text_len", 16)  # a video-only model (VideoMAE) ignores the text
 
     def rand(*shape):
         return torch.randn(*shape, device=device) if real else torch.empty(*shape, device=device)
 
-    ids = torch.randint(1000, 2000, (B, cfg.max_text_len), device=device) if real else None
+    ids = torch.randint(1000, 2000, (B, Lt), device=device) if real else None
     batch = {
         "video": rand(B, cfg.num_frames, 3, cfg.img_size, cfg.img_size),
-        "text_ids": ids if real else torch.empty(B, cfg.max_text_len, dtype=torch.long, device=device),
-        "text_mask": torch.ones(B, cfg.max_text_len, dtype=torch.bool, device=device),
+        "text_ids": ids if real else torch.empty(B, Lt, dtype=torch.long, device=device),
+        "text_mask": torch.ones(B, Lt, dtype=torch.bool, device=device),
     }
     if isinstance(model, VATT):
         batch["audio"] = rand(B, cfg.max_audio_tokens * cfg.audio_patch)
@@ -163,6 +200,14 @@ def _model_stats(name: str) -> dict[str, Any]:
     m = _meta_model(name)
     cfg = m.config
     out: dict[str, Any] = {"name": name, "family": type(m).__name__, "params": m.num_params(), "paper": paper}
+    if hasattr(m, "stats"):  # models that count their own figures (the masked autoencoders)
+        cfg = m.config
+        out["inputs"] = f"{cfg.num_frames} frames {cfg.img_size}px" + (
+            f", {cfg.max_text_len} text tokens" if hasattr(cfg, "max_text_len") else ""
+        )
+        out.update(m.stats())
+        out["lines"] = m.describe_lines(out, paper)
+        return out
     if isinstance(m, AllInOne):
         out["params_excl_mlm_decoder"] = m.num_params(exclude=("mlm_decoder",))
         b = example_batch(m, 1)
@@ -253,6 +298,10 @@ def describe(name: str, file: TextIO | None = None) -> dict[str, Any]:
     w(f"== model {name} ({s['family']}) ==")
     w(f"  parameters        {s['params']:,}")
     w(f"  FLOPs convention  {flops.CONVENTION}; per sample at {s['inputs']}")
+    if "lines" in s:
+        for line in s["lines"]:
+            w(line)
+        return s
     if s["family"] == "AllInOne":
         pe = s["params_excl_mlm_decoder"]
         extra = f"  (paper {p['params'] / 1e6:.0f}M: {_pct(pe, p['params'])})" if "params" in p else ""

@@ -18,7 +18,7 @@ def plot_run(run_dir: str) -> str:
         for line in f:
             rec = json.loads(line)
             if "eval" in rec:
-                ev = rec["eval"]
+                ev = rec["eval"] if "t2v" in rec["eval"] else None  # a model without retrieval: losses only
                 continue
             steps.append(rec["step"])
             for k, v in rec.items():

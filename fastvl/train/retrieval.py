@@ -138,9 +138,15 @@ def retrieval_metrics(
 
 
 def format_metrics(m: dict) -> str:
-    """Table lines: each figure beside the chance level of its direction's gallery."""
+    """Table lines: the held-out losses a model declares, then each retrieval figure beside the chance level of its
+    direction's gallery."""
     where = m.get("split_note") or f"on {m['n']} held-out clips"
-    lines = [f"zero-shot retrieval {where} (chance in brackets)"]
+    lines = []
+    if m.get("heldout"):
+        lines.append(f"losses {where}: " + "  ".join(f"{k} {v:.4f}" for k, v in m["heldout"].items()))
+    if "t2v" not in m:
+        return "\n".join(lines)
+    lines.append(f"zero-shot retrieval {where} (chance in brackets)")
     for d, name, ch in (("t2v", "text->video", m["chance"]), ("v2t", "video->text", m.get("chance_v2t", m["chance"]))):
         parts = [f"{k} {m[d][k]:5.1f} [{ch[k]:4.1f}]" for k in m[d] if k.startswith("R@")]
         parts.append(f"MdR {m[d]['MdR']:.0f} [{ch['MdR']:.0f}]")
