@@ -143,7 +143,7 @@ def proportional_attention(
     if KEY_BIAS:
         return flash_attention(
             q, k, v, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask, frame_offsets=frame_offsets,
-            num_frames=num_frames, key_bias=key_bias.float(), backend=backend,
+            num_frames=num_frames, key_bias=key_bias.to(compute_dtype(q.dtype)), backend=backend,
         )  # fmt: skip
     return proportional_attention_reference(
         q, k, v, key_bias, softmax_scale=softmax_scale, key_padding_mask=key_padding_mask,
