@@ -261,6 +261,38 @@ def attention_case(shape: str, B: int, S: int, H: int, D: int, *, causal=False, 
     return StaticCase("attention", "flash_attention", shape, {**cfg, "dtype": "bf16"}, build, acceptance=acceptance)
 
 
+def attention_features_case(shape: str, B: int, T: int, N: int, H: int, D: int) -> StaticCase:
+    """VATT-style frames with the score features: a per-key bias (ToMe's log size), frame windows of +-1 frame,
+    dropout 0.1 and the LSE; then the CLS rows from that LSE (``attention_rows``) and the dropout keep mask
+    the kernels draw (``kernels.attention.dropout_mask``, what the tests compare against)."""
+
+    def build(div: int) -> Built:
+        from fastvl.kernels.attention import dropout_mask
+
+        import fastvl
+
+        S = 1 + T * N
+        q, k, v = (_randn(B, S, H, D, grad=True) for _ in range(3))
+        bias = torch.zeros(B, S, dtype=torch.float32)
+        g = _randn(B, S, H, D)
+        gen = torch.Generator().manual_seed(0)
+
+        def run():
+            out, lse = fastvl.ops.flash_attention(
+                q, k, v, 0.1, frame_tokens=N, text_tokens=1, frame_window=1, key_bias=bias, return_lse=True,
+                generator=gen, backend=TRITON,
+            )  # fmt: skip
+            rows = fastvl.ops.attention_rows(q[:, :1].detach(), k.detach(), lse[:, :, :1].detach(), backend=TRITON)
+            dropout_mask(0, 0.1, 1, 1, 64, S, q.device)
+            return out, rows
+
+        fwd, bwd = _fwd_bwd(run, lambda o: (o[0], g))
+        return Built(fwd, bwd, {}, 0)
+
+    cfg = {"B": B, "T": T, "N": N, "H": H, "D": D, "frame_window": 1, "key_bias": True, "dropout_p": 0.1}
+    return StaticCase("attention", "flash_attention", shape, {**cfg, "dtype": "bf16"}, build, acceptance=False)
+
+
 # ---- contrastive (compile figures only) ----------------------------------------------------
 
 
@@ -461,6 +493,7 @@ def cases() -> list[StaticCase]:
         attention_case("long causal", 4, 4096, 32, 64, causal=True, acceptance=False),
         attention_case("varlen", 96, 237, 12, 64, varlen=True, acceptance=False),
         attention_case("All-in-one-B deterministic", 96, 237, 12, 64, deterministic=True, acceptance=False),
+        attention_features_case("VATT-M frames, bias, dropout, rows", 8, 8, 196, 16, 64),
         tube_masking_case(),
         restore_case(v2=False),
         restore_case(v2=True),
