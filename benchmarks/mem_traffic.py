@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
-        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.mem_traffic", *(argv or sys.argv[1:])])
+        module = __spec__.name if __spec__ is not None else "benchmarks.mem_traffic"
+        os.execv(sys.executable, [sys.executable, "-m", module, *(argv or sys.argv[1:])])
     os.environ.pop("FASTVL_POISON", None)
     torch.manual_seed(0)
     _EXECUTE["on"] = not a.compile_only

@@ -1031,7 +1031,7 @@ def _frame_mask(S, F, w, text, temporal):
     """(S, S) bool by explicit loops: text tokens see / are seen by all; video i, j: |frame| <= w (w < 0: any)
     and, with temporal, the same spatial position."""
     if S > 128:  # long sequences (GPU tests): the vectorised mask, equal to the loops below (a test checks)
-        from benchmarks.bench_attention import frame_mask
+        from fastvl.benchmarks.bench_attention import frame_mask
 
         return frame_mask(S, text, F, w, temporal, "cpu")
     m = torch.zeros(S, S, dtype=torch.bool)
@@ -1462,7 +1462,7 @@ def test_bad_gqa_and_rows_arguments():
 
 def test_benchmark_masks_are_the_op_semantics():
     # the feature benchmark's eager / SDPA / FlexAttention providers compute what fastvl's frame blocks compute
-    from benchmarks.bench_attention import frame_mask, frame_mask_mod
+    from fastvl.benchmarks.bench_attention import frame_mask, frame_mask_mod
 
     text, F, frames, H, D = 3, 5, 4, 2, 16
     S = text + F * frames

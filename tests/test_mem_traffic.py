@@ -15,7 +15,7 @@ LIMIT = 1.15
 
 
 def _pairs():
-    from benchmarks.mem_traffic import cases
+    from fastvl.benchmarks.mem_traffic import cases
 
     out = {}
     for c in cases("ci"):
