@@ -447,3 +447,11 @@ def test_gpu_bf16_reduced_models_match_reference(name, overrides, batch_size):
         m.zero_grad(set_to_none=True)
     assert math.isfinite(losses["auto"].item())
     torch.testing.assert_close(losses["auto"], losses["reference"], rtol=2e-2, atol=2e-2)
+
+
+def test_select_layer_range_is_checked_only_when_selecting():
+    """A one-block model without selection builds (the motion probe's depth); with selection, the default layer
+    (1) is out of range and the error names the field."""
+    create_model("allinone-tiny", depth=1)
+    with pytest.raises(ValueError, match="select_layer"):
+        create_model("allinone-tiny", depth=1, select_keep=0.5)

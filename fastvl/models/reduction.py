@@ -99,11 +99,11 @@ def reduction_settings(model: str, cfg, depth: int, frames: int | None, why_no_f
         if nf > frames:
             bad("select_frames", f"at most the {frames} frames of a clip")
     layer = cfg.select_layer
-    if not is_int(layer) or not 0 <= layer < depth:
+    selects = keep is not None or nf is not None
+    if not is_int(layer) or (selects and not 0 <= layer < depth):
         bad("select_layer", f"an int in [0, {depth}) (the block before which tokens are selected)")
     if cfg.select_scorer not in SCORERS:
         bad("select_scorer", f"one of {', '.join(SCORERS)}")
-    selects = keep is not None or nf is not None
     if selects and cfg.select_scorer == "attention" and layer == 0:
         bad("select_layer", ">= 1 with select_scorer='attention' (scores are block select_layer - 1's attention)")
     if selects and r:
